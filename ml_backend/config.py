@@ -1,0 +1,202 @@
+"""Settings: the only place in the package that reads environment variables.
+
+``Settings.from_env()`` builds one frozen object at start; a bad value raises ``ConfigError``
+naming the variable, so the process fails before it listens or works. Every field below is a
+documented setting (README, "Settings"); ``SETTINGS_DOC`` is the single source of that table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from ml_backend.errors import ConfigError
+
+STRATEGIES = ("diversified", "uncertainty", "coreset", "random")
+UNCERTAINTY_MEASURES = ("entropy", "margin", "least_confidence")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# name -> (default, one-line description). Defaults are strings exactly as a user would write them.
+SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
+    "LABEL_STUDIO_URL": ("http://localhost:8080", "Base URL of your Label Studio server."),
+    "LABEL_STUDIO_API_KEY": (
+        None,
+        "Personal access token or legacy token of a Label Studio user who can read and "
+        "annotate the project (Account & Settings). Needed by the worker; never logged.",
+    ),
+    "REDIS_URL": (
+        None,
+        "Redis for the job queue and status. `run` starts an embedded Redis when unset; "
+        "`serve` and `worker` require it.",
+    ),
+    "MODEL_DIR": ("./data/models", "Where model versions and the image cache live."),
+    "BASIC_AUTH_USER": (None, "With BASIC_AUTH_PASS: require HTTP basic auth on every route but /health."),
+    "BASIC_AUTH_PASS": (None, "Password for BASIC_AUTH_USER; never logged."),
+    "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR."),
+    "DEVICE": ("auto", "Torch device for training and inference: auto (CUDA when present), cpu, cuda, cuda:N."),
+    "PRETRAINED": (
+        "imagenet",
+        "imagenet (torchvision weights, downloaded to TORCH_HOME on first use), none (random init), "
+        "or a path to a ResNet18 state_dict file.",
+    ),
+    "IMAGE_SIZE": ("224", "Images are resized to this square size (pixels) for training and inference."),
+    "EPOCHS": ("0", "Training epochs per retrain; 0 picks by label count (more epochs for fewer labels)."),
+    "BATCH_SIZE": ("64", "Training batch size."),
+    "LEARNING_RATE": ("0.001", "AdamW learning rate for fine-tuning."),
+    "VAL_FRACTION": ("0.2", "Share of labels held out for validation accuracy (when there are at least 10)."),
+    "SEED": ("0", "Random seed for splits, initialisation and augmentation."),
+    "INFERENCE_BATCH_SIZE": ("256", "Batch size for whole-pool inference."),
+    "STRATEGY": ("diversified", "Queue order: diversified, uncertainty, coreset or random."),
+    "UNCERTAINTY": ("entropy", "Uncertainty measure: entropy, margin or least_confidence."),
+    "QUEUE_BATCH": ("20", "Size of the diversified batch at the top of the queue."),
+    "SHORTLIST_FACTOR": (
+        "5",
+        "diversified: k-center picks the batch among the QUEUE_BATCH x SHORTLIST_FACTOR most "
+        "uncertain tasks.",
+    ),
+    "KEEP_VERSIONS": ("3", "Model versions (files and Label Studio predictions) kept per project."),
+    "MIN_LABELS": ("2", "Labels needed (over at least two classes) before the first retrain."),
+    "MAX_REQUEST_BYTES": ("52428800", "Largest request body accepted (bytes); larger gets 413."),
+    "IMAGE_FETCH_WORKERS": ("8", "Concurrent image downloads."),
+    "IMAGE_FETCH_TIMEOUT": ("30", "Seconds before one image download is abandoned."),
+    "MAX_IMAGE_PIXELS": ("100000000", "Images with more pixels are refused (decompression-bomb guard)."),
+    "JOB_TIMEOUT": ("7200", "Seconds a training job may run before RQ stops it."),
+    "RQ_QUEUE": ("ml-backend", "Name of the RQ queue (several deployments may share one Redis)."),
+}
+
+
+def _int(name: str, raw: str, minimum: int | None = None) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _float(name: str, raw: str, low: float, high: float) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+    return raw
+
+
+def _device(raw: str) -> str:
+    value = raw.strip().lower()
+    if value in ("auto", "cpu", "cuda") or (
+        value.startswith("cuda:") and value[5:].isdigit()
+    ):
+        return value
+    raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N; got {raw!r}")
+
+
+def _pretrained(raw: str) -> str:
+    if raw in ("imagenet", "none"):
+        return raw
+    if not Path(raw).is_file():
+        raise ConfigError(
+            f"PRETRAINED must be imagenet, none or the path of a state_dict file; {raw!r} is not a file"
+        )
+    return raw
+
+
+def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
+    if not raw.startswith(tuple(f"{s}://" for s in schemes)):
+        raise ConfigError(f"{name} must start with {' or '.join(s + '://' for s in schemes)}; got {raw!r}")
+    return raw.rstrip("/")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of the backend. Build it with ``Settings.from_env()``; tests pass their own."""
+
+    label_studio_url: str = "http://localhost:8080"
+    label_studio_api_key: str | None = dataclasses.field(default=None, repr=False)
+    redis_url: str | None = None
+    model_dir: Path = Path("./data/models")
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = dataclasses.field(default=None, repr=False)
+    log_level: str = "INFO"
+    device: str = "auto"
+    pretrained: str = "imagenet"
+    image_size: int = 224
+    epochs: int = 0
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    val_fraction: float = 0.2
+    seed: int = 0
+    inference_batch_size: int = 256
+    strategy: str = "diversified"
+    uncertainty: str = "entropy"
+    queue_batch: int = 20
+    shortlist_factor: int = 5
+    keep_versions: int = 3
+    min_labels: int = 2
+    max_request_bytes: int = 50 * 1024 * 1024
+    image_fetch_workers: int = 8
+    image_fetch_timeout: float = 30.0
+    max_image_pixels: int = 100_000_000
+    job_timeout: int = 7200
+    rq_queue: str = "ml-backend"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every setting; raise ``ConfigError`` naming the bad variable."""
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            if value is None or value.strip() == "":
+                return SETTINGS_DOC[name][0]
+            return value.strip()
+
+        user, password = get("BASIC_AUTH_USER"), get("BASIC_AUTH_PASS")
+        if bool(user) != bool(password):
+            raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither)")
+        redis_url = get("REDIS_URL")
+        return cls(
+            label_studio_url=_url("LABEL_STUDIO_URL", get("LABEL_STUDIO_URL"), ("http", "https")),
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
+            redis_url=_url("REDIS_URL", redis_url, ("redis", "rediss", "unix")) if redis_url else None,
+            model_dir=Path(get("MODEL_DIR")),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), LOG_LEVELS),
+            device=_device(get("DEVICE")),
+            pretrained=_pretrained(get("PRETRAINED")),
+            image_size=_int("IMAGE_SIZE", get("IMAGE_SIZE"), minimum=32),
+            epochs=_int("EPOCHS", get("EPOCHS"), minimum=0),
+            batch_size=_int("BATCH_SIZE", get("BATCH_SIZE"), minimum=1),
+            learning_rate=_float("LEARNING_RATE", get("LEARNING_RATE"), 1e-7, 1.0),
+            val_fraction=_float("VAL_FRACTION", get("VAL_FRACTION"), 0.0, 0.5),
+            seed=_int("SEED", get("SEED")),
+            inference_batch_size=_int("INFERENCE_BATCH_SIZE", get("INFERENCE_BATCH_SIZE"), minimum=1),
+            strategy=_choice("STRATEGY", get("STRATEGY"), STRATEGIES),
+            uncertainty=_choice("UNCERTAINTY", get("UNCERTAINTY"), UNCERTAINTY_MEASURES),
+            queue_batch=_int("QUEUE_BATCH", get("QUEUE_BATCH"), minimum=1),
+            shortlist_factor=_int("SHORTLIST_FACTOR", get("SHORTLIST_FACTOR"), minimum=1),
+            keep_versions=_int("KEEP_VERSIONS", get("KEEP_VERSIONS"), minimum=1),
+            min_labels=_int("MIN_LABELS", get("MIN_LABELS"), minimum=2),
+            max_request_bytes=_int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), minimum=1024),
+            image_fetch_workers=_int("IMAGE_FETCH_WORKERS", get("IMAGE_FETCH_WORKERS"), minimum=1),
+            image_fetch_timeout=_float("IMAGE_FETCH_TIMEOUT", get("IMAGE_FETCH_TIMEOUT"), 0.1, 3600),
+            max_image_pixels=_int("MAX_IMAGE_PIXELS", get("MAX_IMAGE_PIXELS"), minimum=1024),
+            job_timeout=_int("JOB_TIMEOUT", get("JOB_TIMEOUT"), minimum=10),
+            rq_queue=get("RQ_QUEUE"),
+        )
+
+    def with_overrides(self, **changes) -> Settings:
+        """A copy with some fields changed (per-project knobs, tests)."""
+        return dataclasses.replace(self, **changes)
