@@ -32,20 +32,35 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "`serve` and `worker` require it.",
     ),
     "MODEL_DIR": ("./data/models", "Where model versions and the image cache live."),
-    "BASIC_AUTH_USER": (None, "With BASIC_AUTH_PASS: require HTTP basic auth on every route but /health."),
+    "BASIC_AUTH_USER": (
+        None,
+        "With BASIC_AUTH_PASS: require HTTP basic auth on every route but /health.",
+    ),
     "BASIC_AUTH_PASS": (None, "Password for BASIC_AUTH_USER; never logged."),
     "LOG_LEVEL": ("INFO", "DEBUG, INFO, WARNING or ERROR."),
-    "DEVICE": ("auto", "Torch device for training and inference: auto (CUDA when present), cpu, cuda, cuda:N."),
+    "DEVICE": (
+        "auto",
+        "Torch device for training and inference: auto (CUDA when present), cpu, cuda, cuda:N.",
+    ),
     "PRETRAINED": (
         "imagenet",
         "imagenet (torchvision weights, downloaded to TORCH_HOME on first use), none (random init), "
         "or a path to a ResNet18 state_dict file.",
     ),
-    "IMAGE_SIZE": ("224", "Images are resized to this square size (pixels) for training and inference."),
-    "EPOCHS": ("0", "Training epochs per retrain; 0 picks by label count (more epochs for fewer labels)."),
+    "IMAGE_SIZE": (
+        "224",
+        "Images are resized to this square size (pixels) for training and inference.",
+    ),
+    "EPOCHS": (
+        "0",
+        "Training epochs per retrain; 0 picks by label count (more epochs for fewer labels).",
+    ),
     "BATCH_SIZE": ("64", "Training batch size."),
     "LEARNING_RATE": ("0.001", "AdamW learning rate for fine-tuning."),
-    "VAL_FRACTION": ("0.2", "Share of labels held out for validation accuracy (when there are at least 10)."),
+    "VAL_FRACTION": (
+        "0.2",
+        "Share of labels held out for validation accuracy (when there are at least 10).",
+    ),
     "SEED": ("0", "Random seed for splits, initialisation and augmentation."),
     "INFERENCE_BATCH_SIZE": ("256", "Batch size for whole-pool inference."),
     "STRATEGY": ("diversified", "Queue order: diversified, uncertainty, coreset or random."),
@@ -61,7 +76,10 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "MAX_REQUEST_BYTES": ("52428800", "Largest request body accepted (bytes); larger gets 413."),
     "IMAGE_FETCH_WORKERS": ("8", "Concurrent image downloads."),
     "IMAGE_FETCH_TIMEOUT": ("30", "Seconds before one image download is abandoned."),
-    "MAX_IMAGE_PIXELS": ("100000000", "Images with more pixels are refused (decompression-bomb guard)."),
+    "MAX_IMAGE_PIXELS": (
+        "100000000",
+        "Images with more pixels are refused (decompression-bomb guard).",
+    ),
     "JOB_TIMEOUT": ("7200", "Seconds a training job may run before RQ stops it."),
     "RQ_QUEUE": ("ml-backend", "Name of the RQ queue (several deployments may share one Redis)."),
 }
@@ -95,9 +113,7 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
 
 def _device(raw: str) -> str:
     value = raw.strip().lower()
-    if value in ("auto", "cpu", "cuda") or (
-        value.startswith("cuda:") and value[5:].isdigit()
-    ):
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return value
     raise ConfigError(f"DEVICE must be auto, cpu, cuda or cuda:N; got {raw!r}")
 
@@ -114,7 +130,9 @@ def _pretrained(raw: str) -> str:
 
 def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     if not raw.startswith(tuple(f"{s}://" for s in schemes)):
-        raise ConfigError(f"{name} must start with {' or '.join(s + '://' for s in schemes)}; got {raw!r}")
+        raise ConfigError(
+            f"{name} must start with {' or '.join(s + '://' for s in schemes)}; got {raw!r}"
+        )
     return raw.rstrip("/")
 
 
@@ -164,12 +182,16 @@ class Settings:
 
         user, password = get("BASIC_AUTH_USER"), get("BASIC_AUTH_PASS")
         if bool(user) != bool(password):
-            raise ConfigError("BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither)")
+            raise ConfigError(
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither)"
+            )
         redis_url = get("REDIS_URL")
         return cls(
             label_studio_url=_url("LABEL_STUDIO_URL", get("LABEL_STUDIO_URL"), ("http", "https")),
             label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
-            redis_url=_url("REDIS_URL", redis_url, ("redis", "rediss", "unix")) if redis_url else None,
+            redis_url=_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"))
+            if redis_url
+            else None,
             model_dir=Path(get("MODEL_DIR")),
             basic_auth_user=user,
             basic_auth_pass=password,
@@ -182,7 +204,9 @@ class Settings:
             learning_rate=_float("LEARNING_RATE", get("LEARNING_RATE"), 1e-7, 1.0),
             val_fraction=_float("VAL_FRACTION", get("VAL_FRACTION"), 0.0, 0.5),
             seed=_int("SEED", get("SEED")),
-            inference_batch_size=_int("INFERENCE_BATCH_SIZE", get("INFERENCE_BATCH_SIZE"), minimum=1),
+            inference_batch_size=_int(
+                "INFERENCE_BATCH_SIZE", get("INFERENCE_BATCH_SIZE"), minimum=1
+            ),
             strategy=_choice("STRATEGY", get("STRATEGY"), STRATEGIES),
             uncertainty=_choice("UNCERTAINTY", get("UNCERTAINTY"), UNCERTAINTY_MEASURES),
             queue_batch=_int("QUEUE_BATCH", get("QUEUE_BATCH"), minimum=1),
@@ -191,7 +215,9 @@ class Settings:
             min_labels=_int("MIN_LABELS", get("MIN_LABELS"), minimum=2),
             max_request_bytes=_int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), minimum=1024),
             image_fetch_workers=_int("IMAGE_FETCH_WORKERS", get("IMAGE_FETCH_WORKERS"), minimum=1),
-            image_fetch_timeout=_float("IMAGE_FETCH_TIMEOUT", get("IMAGE_FETCH_TIMEOUT"), 0.1, 3600),
+            image_fetch_timeout=_float(
+                "IMAGE_FETCH_TIMEOUT", get("IMAGE_FETCH_TIMEOUT"), 0.1, 3600
+            ),
             max_image_pixels=_int("MAX_IMAGE_PIXELS", get("MAX_IMAGE_PIXELS"), minimum=1024),
             job_timeout=_int("JOB_TIMEOUT", get("JOB_TIMEOUT"), minimum=10),
             rq_queue=get("RQ_QUEUE"),
@@ -200,3 +226,17 @@ class Settings:
     def with_overrides(self, **changes) -> Settings:
         """A copy with some fields changed (per-project knobs, tests)."""
         return dataclasses.replace(self, **changes)
+
+
+def child_environment(**overrides: str | None) -> dict[str, str]:
+    """This process's environment with ``overrides`` applied (``None`` removes a variable).
+
+    For the processes ``python -m ml_backend run`` starts: they read their settings from it.
+    """
+    env = dict(os.environ)
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return env

@@ -1,0 +1,47 @@
+"""The worker process: an RQ ``SimpleWorker`` that runs training jobs in its own process.
+
+``SimpleWorker`` does not fork per job: CUDA does not survive a fork, and running in-process keeps
+the model and the CUDA context resident between jobs. SIGTERM/SIGINT ask for a warm stop (the
+current job finishes first); a second signal stops at once (the job is recorded as failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+
+from redis import Redis
+from rq import SimpleWorker
+
+from ml_backend.config import Settings
+from ml_backend.errors import ConfigError
+from ml_backend.jobs import queue
+
+log = logging.getLogger(__name__)
+
+
+def build_worker(settings: Settings, redis: Redis) -> SimpleWorker:
+    """A ``SimpleWorker`` listening on ``settings.rq_queue`` (no fork per job)."""
+    queue.use_settings(settings)
+    name = f"ml-backend-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    return SimpleWorker([queue.rq_queue(redis, settings)], connection=redis, name=name)
+
+
+def run_worker(settings: Settings, burst: bool = False) -> bool:
+    """Run the worker until SIGTERM/SIGINT (or, with ``burst``, until the queue is empty).
+
+    Returns:
+        whether any job ran.
+
+    Raises:
+        ConfigError: REDIS_URL is not set.
+    """
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is required for the worker (e.g. redis://localhost:6379/0)")
+    redis = Redis.from_url(settings.redis_url)
+    worker = build_worker(settings, redis)
+    log.info("worker %s listening on queue %r", worker.name, settings.rq_queue)
+    worked = worker.work(burst=burst, logging_level=settings.log_level)
+    log.info("worker %s stopped", worker.name)
+    return worked
