@@ -1,0 +1,231 @@
+"""Decoding every image kind, and fetching every URL kind through real local HTTP servers."""
+
+import base64
+import io
+import logging
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from conftest import LEGACY_TOKEN, png_bytes
+from PIL import Image
+
+from ml_backend.errors import ImageError
+from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.images import ImageCache, decode_image, to_array
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a huge size but holds no pixels (a decompression bomb's header)."""
+
+    def chunk(kind, data):
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+# -- decoding --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "TIFF", "WEBP"])
+def test_common_formats_decode_to_rgb(fmt):
+    img = decode_image(encode(Image.new("RGB", (20, 10), (10, 200, 30)), fmt))
+    assert img.mode == "RGB" and img.size == (20, 10)
+    assert np.abs(np.asarray(img)[5, 5].astype(int) - (10, 200, 30)).max() < 8
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c).convert("P") for c in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    pixel = np.asarray(decode_image(data))[0, 0]
+    assert pixel[0] > 200 and pixel[2] < 50
+
+
+def test_16bit_tiff_scaled_by_robust_percentiles():
+    arr = np.tile(np.linspace(1000, 5000, 200), (50, 1)).astype(np.uint16)
+    arr[0, 0] = 65535  # one hot pixel must not squash the rest
+    img = Image.fromarray(arr)
+    assert img.mode.startswith("I;16")
+    out = np.asarray(decode_image(encode(img, "TIFF")))
+    assert out.shape == (50, 200, 3) and (out[..., 0] == out[..., 1]).all()
+    assert out[10, 100, 0] in range(120, 136)  # mid value lands mid-range
+    assert out[10, 0, 0] == 0 and out[10, -1, 0] == 255
+    assert len(np.unique(out[10, :, 0])) > 150  # contrast kept
+
+
+def test_constant_16bit_image_is_black_not_an_error():
+    img = Image.fromarray(np.full((10, 10), 777, dtype=np.uint16))
+    assert np.asarray(decode_image(encode(img, "TIFF"))).max() == 0
+
+
+def test_float_tiff():
+    img = Image.fromarray(np.linspace(0, 1, 100, dtype=np.float32).reshape(10, 10))
+    out = np.asarray(decode_image(encode(img, "TIFF")))
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_alpha_is_composited_on_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    img.putpixel((0, 0), (255, 0, 0, 255))
+    out = np.asarray(decode_image(encode(img, "PNG")))
+    assert tuple(out[0, 0]) == (255, 0, 0) and tuple(out[3, 3]) == (255, 255, 255)
+    la = np.asarray(decode_image(encode(Image.new("LA", (2, 2), (0, 0)), "PNG")))
+    assert tuple(la[0, 0]) == (255, 255, 255)
+
+
+def test_grayscale_palette_cmyk_and_bilevel():
+    assert tuple(np.asarray(decode_image(encode(Image.new("L", (3, 3), 90), "PNG")))[1, 1]) == (
+        90,
+        90,
+        90,
+    )
+    pal = Image.new("RGB", (3, 3), (0, 128, 255)).convert("P")
+    assert decode_image(encode(pal, "PNG")).mode == "RGB"
+    cmyk = decode_image(encode(Image.new("CMYK", (3, 3), (0, 0, 0, 0)), "JPEG"))
+    assert np.asarray(cmyk).min() > 240  # no ink = white
+    assert decode_image(encode(Image.new("1", (3, 3), 1), "PNG")).mode == "RGB"
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", png_bytes()[:60]])
+def test_corrupt_bytes_raise_image_error(data):
+    with pytest.raises(ImageError):
+        decode_image(data)
+
+
+def test_decompression_bombs_are_refused():
+    with pytest.raises(ImageError, match="MAX_IMAGE_PIXELS"):
+        decode_image(png_header_only(5000, 5000), max_pixels=1_000_000)
+    with pytest.raises(ImageError, match="bomb"):  # Pillow's own hard limit (2 x MAX_IMAGE_PIXELS)
+        decode_image(png_header_only(30000, 30000), max_pixels=10**10)
+    assert Image.MAX_IMAGE_PIXELS != 1_000_000  # no process-wide side effect
+
+
+def test_to_array_squeezes_the_whole_frame():
+    img = Image.new("RGB", (100, 50), (0, 0, 0))
+    img.paste((255, 255, 255), (90, 0, 100, 50))  # evidence at the right edge
+    arr = to_array(img, 16)
+    assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
+    assert arr[8, -1, 0] > 200  # not cropped away
+
+
+# -- fetching --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache(settings):
+    return ImageCache(settings, LabelStudioClient(settings))
+
+
+def test_every_url_kind_and_where_the_token_goes(fake, cache):
+    for name, color in [
+        ("up.png", (255, 0, 0)),
+        ("local.png", (0, 255, 0)),
+        ("cloud.png", (0, 0, 255)),
+    ]:
+        fake.files[name] = png_bytes(color)
+    fake.files["ext.png"] = png_bytes((255, 255, 0))
+    fake.files["a.png"] = png_bytes((9, 9, 9))
+    data_uri = "data:image/png;base64," + base64.b64encode(png_bytes((1, 2, 3))).decode()
+    items = [
+        (1, "/data/upload/7/up.png"),
+        (2, "/data/local-files/?d=local.png"),
+        (3, "s3://bucket/cloud.png"),
+        (4, "gs://bucket/cloud.png"),
+        (5, "azure-blob://bucket/cloud.png"),
+        (6, f"{fake.ext.url}/img/ext.png"),
+        (7, f"{fake.ls.url}/data/upload/7/up.png"),
+        (8, data_uri),
+        (9, f"{fake.ext.url}/to-ls"),  # outside host redirecting to LS: header added only there
+        (10, f"{fake.ls.url}/to-ext"),  # LS redirecting outside: header dropped
+    ]
+    arrays, ok, failures = cache.fetch_arrays(items)
+    assert failures == {} and ok == list(range(1, 11))
+    assert arrays.shape == (10, 32, 32, 3) and arrays.dtype == np.uint8
+    expected = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 255), (0, 0, 255), (255, 255, 0),
+                (255, 0, 0), (1, 2, 3), (9, 9, 9), (9, 9, 9)]  # fmt: skip
+    assert [tuple(a[16, 16]) for a in arrays] == expected
+    for role, _method, path, auth in fake.log:
+        if role == "ls":
+            assert auth == f"Token {LEGACY_TOKEN}", path
+        else:
+            assert auth is None, (role, path)
+    presigned = [p for r, _m, p, _a in fake.log if r == "ls" and "/presign/" in p]
+    assert sorted(p.split("/")[2] for p in presigned) == ["3", "4", "5"]  # task id in the path
+    assert fake.requests_to("cloud") and fake.requests_to("ext")
+
+
+def test_second_fetch_hits_the_disk_cache(fake, cache, settings):
+    fake.files["up.png"] = png_bytes()
+    first, _, _ = cache.fetch_arrays([(1, "/data/upload/1/up.png")])
+    before = len(fake.log)
+    again = ImageCache(settings, None)  # a fresh process would need no token for cached images
+    second, ok, failures = again.fetch_arrays([(1, "/data/upload/1/up.png")])
+    assert len(fake.log) == before and ok == [1] and not failures
+    assert np.array_equal(first, second)
+    assert len(list((settings.model_dir / "cache" / "images").rglob("*.npy"))) == 1
+    assert not list((settings.model_dir / "cache" / "images").rglob("*.tmp"))
+
+
+def test_broken_images_are_reported_not_raised(fake, cache, caplog):
+    fake.files["good.png"] = png_bytes()
+    fake.files["corrupt.png"] = b"garbage"
+    fake.files["bomb.png"] = png_header_only(30000, 30000)
+    items = [
+        (1, "/data/upload/1/good.png"),
+        (2, "/data/upload/1/missing.png"),
+        (3, "/data/upload/1/corrupt.png"),
+        (4, "/data/upload/1/bomb.png"),
+        (5, f"{fake.ext.url}/slow.png"),
+        (6, "ftp://example.org/x.png"),
+        (7, "http://127.0.0.1:9/refused.png"),
+        (
+            8,
+            f"{fake.ext.url}/data/upload/1/good.png?sig=abc",
+        ),  # LS file on another origin: no token
+    ]
+    with caplog.at_level(logging.WARNING):
+        arrays, ok, failures = cache.fetch_arrays(items)
+    assert ok == [1] and arrays.shape == (1, 32, 32, 3)
+    assert set(failures) == {2, 3, 4, 5, 6, 7, 8}
+    assert "LABEL_STUDIO_URL" in failures[8] and "sig=abc" not in failures[8]
+    assert "404" in failures[2] and "timed out" in failures[5] and "scheme" in failures[6]
+    assert "bomb" in failures[4]
+    text = caplog.text
+    assert "task 2" in text and LEGACY_TOKEN not in text and "garbage" not in text
+
+
+def test_wrong_token_says_what_to_check(fake, settings):
+    fake.files["up.png"] = png_bytes()
+    bad = ImageCache(settings.with_overrides(label_studio_api_key="f" * 40), None)
+    _, ok, failures = bad.fetch_arrays([(1, "/data/upload/1/up.png")])
+    assert ok == [] and "401" in failures[1]
+    cache = ImageCache(
+        settings, LabelStudioClient(settings.with_overrides(label_studio_api_key="f" * 40))
+    )
+    _, _, failures = cache.fetch_arrays([(1, "/data/upload/1/up.png")])
+    assert "LABEL_STUDIO_API_KEY" in failures[1]
+
+
+def test_presigned_query_never_logged(fake, cache, caplog):
+    with caplog.at_level(logging.WARNING):
+        _, _, failures = cache.fetch_arrays([(3, "s3://bucket/nothing.png")])
+    assert "404" in failures[3] and "secret" not in failures[3] and "secret" not in caplog.text
+
+
+def test_empty_and_progress(fake, cache, caplog):
+    arrays, ok, failures = cache.fetch_arrays([])
+    assert arrays.shape == (0, 32, 32, 3) and ok == [] and failures == {}
+    fake.files["up.png"] = png_bytes()
+    with caplog.at_level(logging.INFO, logger="ml_backend.labelstudio.images"):
+        arrays, ok, _ = cache.fetch_arrays([(i, "/data/upload/1/up.png") for i in range(120)])
+    assert len(ok) == 120 and "images: 120/120 (100%)" in caplog.text
