@@ -1,0 +1,183 @@
+"""The Label Studio protocol routes through the Flask test client, with a real Redis."""
+
+from __future__ import annotations
+
+from rq import Queue
+
+from ml_backend.jobs.state import StatusStore
+
+
+def annotation_webhook(project=3, action="ANNOTATION_CREATED") -> dict:
+    return {
+        "action": action,
+        "annotation": {
+            "id": 1,
+            "task": 10,
+            "project": project,
+            "result": [],
+            "was_cancelled": False,
+        },
+        "task": {"id": 10, "data": {"image": "/data/upload/3/a.png"}, "is_labeled": True},
+        "project": {"id": project, "label_config": "<View/>", "model_version": ""},
+    }
+
+
+def queued_jobs(redis_conn, settings):
+    return Queue(settings.rq_queue, connection=redis_conn).get_jobs()
+
+
+def test_health(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "UP",
+        "model_class": "ResNet18ActiveLearner",
+        "redis": "ok",
+        "pretrained": {"setting": "none", "loaded": None},
+    }
+
+
+def test_health_reports_weights_the_worker_loaded(client, redis_conn):
+    StatusStore(redis_conn).set_pretrained("random init (ImageNet weights unavailable: offline)")
+    body = client.get("/health").get_json()
+    assert body["pretrained"]["loaded"].startswith("random init")
+
+
+def test_setup_reports_untrained_then_the_published_version(client, redis_conn):
+    body = {
+        "project": "3.1718000000",
+        "schema": "<View/>",
+        "hostname": "http://localhost:8080",
+        "access_token": "0123456789abcdef0123456789abcdef01234567",
+        "extra_params": None,
+    }
+    response = client.post("/setup", json=body)
+    assert response.status_code == 200
+    assert response.get_json() == {"model_version": "untrained"}
+    StatusStore(redis_conn).job_finished(3, "j1", "trained", {}, "resnet18-v2")
+    assert client.post("/setup", json=body).get_json() == {"model_version": "resnet18-v2"}
+    # The access token is neither stored in Redis nor anywhere else we keep.
+    for key in redis_conn.keys("*"):
+        dumped = str(redis_conn.dump(key))
+        assert "0123456789abcdef" not in dumped
+
+
+def test_setup_stores_extra_params_json_and_lines(client, redis_conn):
+    store = StatusStore(redis_conn)
+    client.post(
+        "/setup",
+        json={"project": "5.1", "extra_params": {"strategy": "coreset", "queue_batch": "10"}},
+    )
+    assert store.project_params(5) == {"strategy": "coreset", "queue_batch": 10}
+    client.post(
+        "/setup",
+        json={"project": "5.1", "extra_params": "uncertainty = margin\nepochs=3\n# note\n"},
+    )
+    assert store.project_params(5) == {"uncertainty": "margin", "epochs": 3}
+    # Cleared in Label Studio -> cleared here; absent -> unchanged.
+    client.post("/setup", json={"project": "5.1", "extra_params": ""})
+    assert store.project_params(5) == {}
+    client.post("/setup", json={"project": "5.1", "extra_params": '{"shortlist_factor": 4}'})
+    client.post("/setup", json={"project": "5.1"})
+    assert store.project_params(5) == {"shortlist_factor": 4}
+
+
+def test_setup_rejects_bad_extra_params(client, redis_conn):
+    cases = {
+        "strategy=best": "extra param strategy must be one of diversified",
+        "queue_batch=0": "extra param queue_batch must be a whole number >= 1",
+        "epochs=1.5": "extra param epochs must be",
+        "colour=red": "unknown extra param 'colour'; allowed: strategy, uncertainty",
+        "just words": "line 1 must look like key=value",
+        "{not json": "does not parse",
+    }
+    for raw, message in cases.items():
+        response = client.post("/setup", json={"project": "5.1", "extra_params": raw})
+        assert response.status_code == 400, raw
+        assert message in response.get_json()["error"], raw
+    assert StatusStore(redis_conn).project_params(5) == {}
+
+
+def test_webhook_training_actions_enqueue_and_coalesce(client, redis_conn, settings):
+    response = client.post("/webhook", json=annotation_webhook(3))
+    assert response.status_code == 201
+    assert response.get_json() == {
+        "status": "enqueued",
+        "project": 3,
+        "action": "ANNOTATION_CREATED",
+    }
+    for action in ("ANNOTATION_UPDATED", "START_TRAINING", "TASKS_CREATED"):
+        response = client.post("/webhook", json={"action": action, "project": {"id": "3"}})
+        assert response.status_code == 201
+        assert response.get_json()["status"] == "already_waiting"
+    deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": {"id": 3}}
+    assert client.post("/webhook", json=deleted).get_json()["status"] == "already_waiting"
+    jobs = queued_jobs(redis_conn, settings)
+    assert len(jobs) == 1
+    assert jobs[0].args[:2] == (3, "ANNOTATION_CREATED")
+
+
+def test_burst_of_500_webhooks_leaves_one_job(client, redis_conn, settings):
+    statuses = [
+        client.post("/webhook", json=annotation_webhook(11)).status_code for _ in range(500)
+    ]
+    assert statuses == [201] * 500
+    assert len(queued_jobs(redis_conn, settings)) == 1
+
+
+def test_other_actions_are_ignored_with_200(client, redis_conn, settings):
+    for action in ("PROJECT_UPDATED", "TASKS_DELETED", "SOMETHING_NEW"):
+        response = client.post("/webhook", json={"action": action, "project": {"id": 3}})
+        assert response.status_code == 200
+        assert response.get_json() == {"status": "ignored", "action": action}
+    # Ignored actions need no project at all.
+    assert client.post("/webhook", json={"action": "PROJECT_DELETED"}).status_code == 200
+    assert queued_jobs(redis_conn, settings) == []
+
+
+def test_train_is_start_training(client, redis_conn, settings):
+    response = client.post("/train", json={"project": "12.1718000000"})
+    assert response.status_code == 201
+    assert response.get_json() == {"status": "enqueued", "project": 12, "action": "START_TRAINING"}
+    assert client.post("/train", json={"project": 12}).get_json()["status"] == "already_waiting"
+    assert queued_jobs(redis_conn, settings)[0].args[:2] == (12, "START_TRAINING")
+
+
+def test_status_shows_state_history_and_queue(client, redis_conn):
+    store = StatusStore(redis_conn)
+    client.post("/webhook", json=annotation_webhook(4))
+    waiting = client.get("/status/4").get_json()
+    assert waiting["state"] == "waiting"
+    assert waiting["waiting"]["reason"] == "ANNOTATION_CREATED"
+    assert waiting["queue"]["waiting_job"] == waiting["waiting"]["job_id"]
+    store.job_started(4, "j1", "ANNOTATION_CREATED")
+    store.progress(4, stage="training", epoch=2, epochs=5)
+    running = client.get("/status/4").get_json()
+    assert running["state"] == "running"
+    assert running["progress"]["epoch"] == 2
+    store.job_finished(4, "j1", "trained", {"val_accuracy": 0.9}, "resnet18-v1")
+    store.queue_top(4, [{"task_id": 10, "rank": 0, "uncertainty": 0.8, "distance": float("nan")}])
+    done = client.get("/status/4").get_json()
+    assert done["model_version"] == "resnet18-v1"
+    assert done["last_job"]["metrics"] == {"val_accuracy": 0.9}
+    assert done["history"][0]["outcome"] == "trained"
+    assert done["queue_top"] == [{"task_id": 10, "rank": 0, "uncertainty": 0.8, "distance": None}]
+    everything = client.get("/status").get_json()
+    assert list(everything["projects"]) == ["4"]
+    assert everything["projects"]["4"]["model_version"] == "resnet18-v1"
+
+
+def test_status_of_unknown_project_is_404_json(client):
+    response = client.get("/status/99")
+    assert response.status_code == 404
+    assert "no job or setting recorded for project 99" in response.get_json()["error"]
+    assert client.get("/status/abc").status_code == 400
+
+
+def test_predict_without_model_returns_empty_results(client, redis_conn):
+    tasks = [{"id": 1, "data": {"image": "/data/upload/1/a.png"}, "project": 1}]
+    response = client.post(
+        "/predict", json={"tasks": tasks, "project": "1.1718000000", "label_config": "<View/>"}
+    )
+    assert response.status_code == 200
+    assert response.get_json() == {"results": []}
