@@ -1,0 +1,168 @@
+"""LabelStudioClient against a local HTTP server: retries, error mapping, tokens, paging."""
+
+import base64
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LEGACY_TOKEN, FakeLS
+
+from ml_backend.errors import ConfigError, LabelStudioUnavailable, ProjectNotFound
+from ml_backend.labelstudio.client import LabelStudioClient
+
+PROJECT = {
+    "id": 7,
+    "title": "weather",
+    "label_config": (Path(__file__).parents[2] / "label_config.xml").read_text(),
+    "model_version": "",
+}
+
+
+def fake_jwt(token_type: str, exp: float) -> str:
+    def part(obj):
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part({'token_type': token_type, 'exp': int(exp)})}.c2ln"
+
+
+def client_for(settings, **kw):
+    return LabelStudioClient(settings, attempts=3, backoff=0.01, max_backoff=0.02, timeout=5, **kw)
+
+
+def api_calls(fake, path):
+    return [e for e in fake.log if e[0] == "ls" and e[2].split("?")[0] == path]
+
+
+def test_retries_5xx_then_succeeds(fake, settings, caplog):
+    fake.routes[("GET", "/api/projects/7/")] = [
+        (500, {"detail": "boom"}),
+        (502, b"<html>"),
+        (200, PROJECT),
+    ]
+    with caplog.at_level(logging.WARNING):
+        project = client_for(settings).project(7)
+    assert project["title"] == "weather" and project["label_config"].startswith("<View>")
+    assert len(api_calls(fake, "/api/projects/7/")) == 3
+    assert "retry 1/2" in caplog.text and LEGACY_TOKEN not in caplog.text
+    assert all(e[3] == f"Token {LEGACY_TOKEN}" for e in fake.log)
+
+
+def test_gives_up_after_bounded_tries(fake, settings):
+    fake.routes[("GET", "/api/projects/7/")] = [(503, {"detail": "down"})]
+    with pytest.raises(LabelStudioUnavailable) as err:
+        client_for(settings).project(7)
+    assert fake.ls.url in str(err.value) and "3 tries" in str(err.value)
+    assert len(api_calls(fake, "/api/projects/7/")) == 3
+
+
+def test_unreachable_server(settings):
+    client = client_for(settings.with_overrides(label_studio_url="http://127.0.0.1:9"))
+    with pytest.raises(LabelStudioUnavailable, match="127.0.0.1:9.*LABEL_STUDIO_URL"):
+        client.project(1)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_credentials_name_the_setting(fake, settings, status):
+    fake.routes[("GET", "/api/projects/7/")] = [(status, {"detail": "Invalid token."})]
+    with pytest.raises(LabelStudioUnavailable, match="LABEL_STUDIO_API_KEY") as err:
+        client_for(settings).project(7)
+    assert LEGACY_TOKEN not in str(err.value)
+    assert len(api_calls(fake, "/api/projects/7/")) == 1  # no retry on a wrong token
+
+
+def test_missing_project(fake, settings):
+    with pytest.raises(ProjectNotFound, match="project 7"):
+        client_for(settings).project(7)
+    with pytest.raises(ProjectNotFound):
+        list(client_for(settings).iter_tasks(7))
+
+
+def test_missing_or_expired_key(settings):
+    with pytest.raises(ConfigError, match="LABEL_STUDIO_API_KEY"):
+        LabelStudioClient(settings.with_overrides(label_studio_api_key=None))
+    expired = fake_jwt("refresh", time.time() - 60)
+    with pytest.raises(LabelStudioUnavailable, match="expired"):
+        LabelStudioClient(settings.with_overrides(label_studio_api_key=expired))
+
+
+def test_personal_access_token_is_refreshed_and_cached(settings):
+    pat = fake_jwt("refresh", time.time() + 86400)
+    access = fake_jwt("access", time.time() + 300)
+    fake = FakeLS(token_header=f"Bearer {access}")
+    try:
+        refreshes = []
+
+        def refresh(h):
+            refreshes.append(json.loads(h.body)["refresh"])
+            return h.send(200, {"access": access})
+
+        fake.routes[("POST", "/api/token/refresh/")] = refresh
+        fake.routes[("GET", "/api/projects/7/")] = lambda h: h.send(
+            200 if h.headers.get("Authorization") == f"Bearer {access}" else 401, PROJECT
+        )
+        client = client_for(
+            settings.with_overrides(label_studio_url=fake.ls.url, label_studio_api_key=pat)
+        )
+        assert client.project(7)["id"] == 7  # the SDK refreshes for its own calls
+        assert client.access_token() == access and client.access_token() == access
+        assert client.auth_header() == {"Authorization": f"Bearer {access}"}
+        assert set(refreshes) == {pat} and len(refreshes) == 2  # one by the SDK, one cached by us
+        assert all(pat not in (e[3] or "") for e in fake.log)  # the PAT itself is never a header
+    finally:
+        fake.close()
+
+
+def test_legacy_token_is_its_own_access_token(settings):
+    client = client_for(settings)
+    assert client.access_token() == LEGACY_TOKEN
+    assert client.auth_header() == {"Authorization": f"Token {LEGACY_TOKEN}"}
+
+
+def test_iter_tasks_pages_until_the_end(fake, settings):
+    tasks = [
+        {"id": i, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": []}
+        for i in range(1, 6)
+    ]
+    pages_asked = []
+
+    def page(h):
+        number, size = int(h.query["page"][0]), int(h.query["page_size"][0])
+        pages_asked.append(number)
+        assert h.query["fields"] == ["all"] and h.query["expand"] == ["annotations"]
+        chunk = tasks[(number - 1) * size : number * size]
+        if not chunk:
+            return h.send(404, {"detail": "Invalid page."})
+        return h.send(
+            200,
+            {"tasks": chunk, "total": len(tasks), "total_annotations": 0, "total_predictions": 0},
+        )
+
+    fake.routes[("GET", "/api/tasks/")] = page
+    got = list(client_for(settings, page_size=2).iter_tasks(1))
+    assert [t["id"] for t in got] == [1, 2, 3, 4, 5] and pages_asked == [1, 2, 3]
+    assert got[0]["data"] == {"image": "/data/upload/1/1.png"}
+    pages_asked.clear()
+    assert len(list(client_for(settings, page_size=5).iter_tasks(1))) == 5 and pages_asked == [1]
+
+
+def test_import_predictions_counts_and_isolates_rejected_items(fake, settings, caplog):
+    def importer(h):
+        items = json.loads(h.body)
+        if any(item["task"] == 999 for item in items):  # LS rejects a chunk naming an unknown task
+            return h.send(400, {"detail": "Validation error"})
+        return h.send(
+            201, {"created": sum(1 for item in items if item["result"])}
+        )  # skips bad results
+
+    fake.routes[("POST", "/api/projects/1/import/predictions")] = importer
+    items = [
+        {"task": i, "result": [{"x": 1}], "score": 0.1, "model_version": "v1"} for i in range(10)
+    ]
+    items[3]["task"] = 999
+    items[6]["result"] = []
+    with caplog.at_level(logging.WARNING):
+        created = client_for(settings).import_predictions(1, items, chunk=4)
+    assert created == 8
+    assert "created 8 of 10" in caplog.text and "task 999" in caplog.text
