@@ -1,1 +1,11 @@
-"""model package."""
+"""The classifier: ResNet18 construction, device batching, training, pool inference, storage.
+
+Modules (import the one you need; this package imports nothing, so ``storage`` can be used
+without loading torch):
+
+- ``network``: ``build_model``, ``resolve_device``, ``embed_and_classify``.
+- ``data``: uint8 arrays -> normalised, augmented device batches.
+- ``train``: ``fit``, ``train_one_epoch``, ``evaluate``, ``default_epochs``.
+- ``inference``: ``predict`` (probabilities and 512-d embeddings for a whole pool).
+- ``storage``: ``ModelStore``, atomic versioned model folders.
+"""
