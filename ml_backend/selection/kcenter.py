@@ -14,9 +14,12 @@ so the picks are the textbook loop's picks. The block size adapts to how many pi
 served.
 
 Numerics: rows are centred on their mean first (distances do not change, cancellation does), and
-squared distances come from one product of augmented rows, ``||x||^2 + ||c||^2 - 2 x.c``, minus
-``64 eps (||x||^2 + ||c||^2)``, the rounding noise of that expansion, clamped at 0: an exact
-duplicate reads exactly 0, not noise. On CUDA, TF32 matmul is switched off for the call.
+squared distances come from one product of augmented rows, ``||x||^2 + ||c||^2 - 2 x.c``. Values
+up to ``128 eps max ||x||^2`` (the rounding noise of that expansion; eps of the compute dtype) are
+set to exactly 0, so an exact duplicate reads 0, not noise: in float32, rows closer than about 0.4%
+of the largest centred norm count as duplicates. Rounding also decides between distances equal up
+to it (exact ties are only guaranteed to go to the lowest index when computed equal). On CUDA, TF32
+matmul is switched off for the call.
 
 Memory: the candidates are copied once (in the input's float precision; float32 unless float64),
 the block is ``b x N`` with ``b`` capped by a 512 MiB budget, and the labeled set is folded in tile
@@ -118,13 +121,18 @@ def k_center_greedy_details(
     mean = _checked_mean(x)
 
     with _exact_matmul(dev):
+        d = x.shape[1]
         xa = _augmented(x, cand, mean, dev, dtype, centre=False)
         min_d2 = torch.full((len(cand),), math.inf, dtype=dtype, device=dev)
+        sq_max = float(xa[:, d + 1].max()) if len(cand) else 0.0
         if len(cand):
             for s in range(0, len(labeled), _LABELED_TILE):
                 ca = _augmented(x, labeled[s : s + _LABELED_TILE], mean, dev, dtype, centre=True)
                 _fold_min(min_d2, xa, ca)
-        picks_u, pick_d2, min_d2 = _greedy(xa, x.shape[1], min_d2, min(int(k), len(cand)))
+                sq_max = max(sq_max, float(ca[:, d].max()))
+        noise = 2 * sq_max * _NOISE_EPS * torch.finfo(dtype).eps
+        torch.nn.functional.threshold_(min_d2, noise, 0.0)
+        picks_u, pick_d2, min_d2 = _greedy(xa, d, noise, min_d2, min(int(k), len(cand)))
 
     picks = cand[picks_u].astype(np.int64)
     final = np.full(n, np.nan)
@@ -137,7 +145,7 @@ def k_center_greedy_details(
     return KCenterResult(picks, np.sqrt(pick_d2), final)
 
 
-def _greedy(xa: torch.Tensor, d: int, min_d2: torch.Tensor, k: int):
+def _greedy(xa: torch.Tensor, d: int, noise: float, min_d2: torch.Tensor, k: int):
     """k farthest-first picks among the augmented candidate rows (see the module docstring)."""
     n = xa.shape[0]
     picks, pick_d2 = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float64)
@@ -164,7 +172,7 @@ def _greedy(xa: torch.Tensor, d: int, min_d2: torch.Tensor, k: int):
             rows = _top_rows(key, b, v)
             col_of[col_of >= 0] = -1
             col_of[rows] = np.arange(len(rows))
-            block = _block(xa, rows, d)
+            block = _block(xa, rows, d, noise)
             block_view = block.numpy() if on_cpu else block
             used = 0
         picks[t] = v
@@ -183,10 +191,10 @@ def _top_rows(key: torch.Tensor, b: int, must: int) -> np.ndarray:
     return top
 
 
-def _block(xa: torch.Tensor, rows: np.ndarray, d: int) -> torch.Tensor:
+def _block(xa: torch.Tensor, rows: np.ndarray, d: int, noise: float) -> torch.Tensor:
     """``[len(rows), N]`` squared distances from the candidate rows ``rows`` to every candidate."""
     ca = _as_centres(xa[torch.from_numpy(rows).to(xa.device)], d)
-    return torch.mm(ca, xa.T).clamp_min_(0.0)
+    return torch.nn.functional.threshold_(torch.mm(ca, xa.T), noise, 0.0)
 
 
 def _fold_min(min_d2: torch.Tensor, xa: torch.Tensor, ca: torch.Tensor) -> None:
@@ -197,9 +205,8 @@ def _fold_min(min_d2: torch.Tensor, xa: torch.Tensor, ca: torch.Tensor) -> None:
         torch.minimum(min_d2[s : s + step], nearest, out=min_d2[s : s + step])
 
 
-# Augmented layout: a candidate row is [x, 1, (1 - tol)|x|^2, 0...], a centre row is
-# [-2c, (1 - tol)|c|^2, 1, 0...], so one product gives |x|^2 + |c|^2 - 2x.c - tol(|x|^2 + |c|^2).
-# Width is padded to a multiple of 16 for the matmul kernels.
+# Augmented layout: a candidate row is [x, 1, |x|^2, 0...], a centre row is [-2c, |c|^2, 1, 0...],
+# so one product gives |x|^2 + |c|^2 - 2x.c. Width is padded to a multiple of 16 for the kernels.
 def _augmented(x, rows: np.ndarray, mean, dev, dtype, centre: bool) -> torch.Tensor:
     d = x.shape[1]
     out = torch.empty((len(rows), -(-(d + 2) // 16) * 16), dtype=dtype, device=dev)
@@ -210,7 +217,7 @@ def _augmented(x, rows: np.ndarray, mean, dev, dtype, centre: bool) -> torch.Ten
     for s in range(0, len(rows), step):
         part = _rows_on(x, idx[s : s + step], dev, dtype).sub_(m)
         out[s : s + step, :d] = part
-        out[s : s + step, d + 1] = part.mul_(part).sum(dim=1).mul_(1.0 - _noise(dtype))
+        out[s : s + step, d + 1] = part.mul_(part).sum(dim=1)
     return _as_centres(out, d) if centre else out
 
 
@@ -229,10 +236,6 @@ def _as_centres(xa: torch.Tensor, d: int) -> torch.Tensor:
     ca[:, d] = xa[:, d + 1]
     ca[:, d + 1] = 1.0
     return ca
-
-
-def _noise(dtype: torch.dtype) -> float:
-    return _NOISE_EPS * torch.finfo(dtype).eps
 
 
 def _checked_mean(x: torch.Tensor) -> torch.Tensor:
