@@ -13,8 +13,8 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
 - ``diversified`` (default): shortlist ``S`` = the ``ceil(batch * shortlist_factor)`` rows of ``U``
   with the largest ``u_i``; ``x_t = argmax_{i in S} dist(i, L + {x_1..x_{t-1}})`` for ``t = 1..batch``
   (distances to labeled rows count); then every other row of ``U`` by descending ``u_i`` (the rest
-  of the shortlist comes first, as it is the most uncertain). ``shortlist_factor = 1`` is plain
-  uncertainty order; a large factor approaches coreset among the uncertain rows. When every row
+  of the shortlist comes first, as it is the most uncertain). ``shortlist_factor = 1`` keeps the
+  uncertainty batch and only orders it for diversity; a large factor approaches coreset. When every row
   left in ``S`` is at distance 0 (duplicates of labeled rows or picks) while rows outside ``S`` remain,
   ``S`` grows by the next ``|S|`` most uncertain rows, so the batch holds no duplicate while distinct
   rows exist.
