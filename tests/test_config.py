@@ -1,0 +1,86 @@
+"""Settings: every variable documented, parsed, validated with a message naming it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from ml_backend.config import SETTINGS_DOC, Settings, child_environment, settings_markdown
+from ml_backend.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_field_has_exactly_one_documented_variable():
+    fields = {f.name.upper() for f in dataclasses.fields(Settings)}
+    assert fields == set(SETTINGS_DOC)
+
+
+def test_defaults_from_empty_environment_match_the_dataclass():
+    assert Settings.from_env({}) == Settings()
+
+
+def test_values_are_parsed():
+    settings = Settings.from_env(
+        {
+            "EPOCHS": "3",
+            "LEARNING_RATE": "0.01",
+            "REDIS_URL": "redis://:pw@localhost:6379/1",
+            "LOG_LEVEL": "debug",
+            "DEVICE": "CUDA:1",
+            "MODEL_DIR": "/srv/models ",
+        }
+    )
+    assert settings.epochs == 3
+    assert settings.learning_rate == 0.01
+    assert settings.redis_url == "redis://:pw@localhost:6379/1"
+    assert settings.log_level == "DEBUG"
+    assert settings.device == "cuda:1"
+    assert settings.model_dir == Path("/srv/models")
+    assert "pw" not in repr(Settings(basic_auth_pass="pw", label_studio_api_key="k"))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EPOCHS": "-1"}, "EPOCHS must be at least 0, got -1"),
+        ({"IMAGE_SIZE": "x"}, "IMAGE_SIZE must be a whole number, got 'x'"),
+        ({"VAL_FRACTION": "0.9"}, "VAL_FRACTION must be between 0.0 and 0.5"),
+        ({"STRATEGY": "smart"}, "STRATEGY must be one of diversified, uncertainty"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://"),
+        ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together"),
+        ({"PRETRAINED": "no/such/file.pt"}, "PRETRAINED must be imagenet, none or the path"),
+        ({"DEVICE": "tpu"}, "DEVICE must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_values_name_the_variable(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_child_environment_overrides_and_removes(monkeypatch):
+    monkeypatch.setenv("ML_BACKEND_TEST_VAR", "1")
+    env = child_environment(REDIS_URL="unix:///tmp/r.sock", ML_BACKEND_TEST_VAR=None)
+    assert env["REDIS_URL"] == "unix:///tmp/r.sock"
+    assert "ML_BACKEND_TEST_VAR" not in env
+
+
+def test_settings_table_lists_every_setting():
+    table = settings_markdown()
+    for name in SETTINGS_DOC:
+        assert f"| `{name}` |" in table
+
+
+def test_docs_list_every_setting():
+    """The service docs carry the generated table; the README too once it has a Settings part."""
+    docs = [ROOT / "docs" / "parts" / "service.md"]
+    readme = ROOT / "README.md"
+    if readme.exists() and "## Settings" in readme.read_text():
+        docs.append(readme)
+    for doc in docs:
+        text = doc.read_text()
+        missing = [name for name in SETTINGS_DOC if f"`{name}`" not in text]
+        assert not missing, f"{doc.name} does not document {missing}; paste settings_markdown()"
