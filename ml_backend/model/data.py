@@ -9,6 +9,7 @@ float, ImageNet normalisation and augmentation run on the device. On CUDA the re
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
@@ -121,13 +122,21 @@ def normalize(batch: torch.Tensor, channels_last: bool) -> torch.Tensor:
     Permuting an NHWC tensor already gives the channels_last layout, so CUDA keeps it; on the
     CPU the result is made contiguous in the default layout.
     """
-    x = batch.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1) * 255.0
-    x = (x - mean) / std
+    mean, std = _statistics(batch.device)
+    x = (batch.permute(0, 3, 1, 2).float() - mean) / std
     if channels_last:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
+
+
+@functools.lru_cache(maxsize=8)
+def _statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a fresh host->device copy of pageable memory per batch would make
+    # the CPU wait for the GPU each time. Normal (not inference) tensors, usable in training.
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
 
 
 def augment(

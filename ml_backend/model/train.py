@@ -113,6 +113,13 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so generators and tensors name the same device."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -136,9 +143,11 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     seen = 0
+    # One host->device copy of the epoch's row order, not one (synchronising) copy per step.
+    order = torch.from_numpy(np.concatenate(batches)).to(device) if batches else None
     for index, batch in zip(batches, iter_device_batches(images, batches, device), strict=True):
         x = augment(normalize(batch, channels_last=cuda), generator)
-        y = labels[torch.from_numpy(index).to(device, non_blocking=cuda)]
+        y = labels[order[seen : seen + len(index)]]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(x)
             loss = criterion(logits, y)
@@ -238,7 +247,7 @@ def fit(
         ValueError: images and labels do not fit together or with the model.
     """
     log = log or logger
-    device = torch.device(device)
+    device = _concrete(torch.device(device))
     check_images(images)
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = model.fc.out_features
