@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 EMBEDDING_DIM = 512
 # Seconds a connect or read of the ImageNet download may stall before we give up.
 DOWNLOAD_TIMEOUT_S = 15.0
+# A long-running worker builds a model per job; offline, one failed download per this many
+# seconds is enough (the file in TORCH_HOME is still looked for every time).
+DOWNLOAD_RETRY_AFTER_S = 600.0
+_last_download_failure: tuple[float, str] | None = None
 
 
 def new_resnet18(num_classes: int) -> nn.Module:
@@ -102,7 +107,18 @@ def _imagenet_state_dict() -> dict[str, torch.Tensor]:
     url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
     target = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if not target.is_file():
-        _download(url, target)
+        global _last_download_failure
+        now = time.monotonic()
+        if _last_download_failure and now - _last_download_failure[0] < DOWNLOAD_RETRY_AFTER_S:
+            raise OSError(
+                f"{_last_download_failure[1]} (not retried for {DOWNLOAD_RETRY_AFTER_S:.0f} s)"
+            )
+        try:
+            _download(url, target)
+        except Exception as exc:
+            _last_download_failure = (now, _short_reason(exc))
+            raise
+        _last_download_failure = None
     return torch.load(target, map_location="cpu", weights_only=True)
 
 

@@ -30,6 +30,7 @@ def test_seed_makes_init_reproducible_without_touching_global_rng():
 
 
 def test_imagenet_unavailable_falls_back_with_clear_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(network, "_last_download_failure", None)  # really try the download
     # An empty TORCH_HOME: the weights must be downloaded. Offline that fails fast and the model
     # trains from scratch; where a download works, the contract is the "imagenet" source.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -137,3 +138,20 @@ def test_embed_and_classify_matches_forward():
         logits, embeddings = embed_and_classify(model, x)
         assert embeddings.shape == (2, 512)
         torch.testing.assert_close(logits, model(x))
+
+
+def test_failed_download_is_not_retried_every_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    attempts = []
+
+    def offline(url, target):
+        attempts.append(url)
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(network, "_download", offline)
+    monkeypatch.setattr(network, "_last_download_failure", None)
+    _, first = build_model(3, "imagenet")
+    _, second = build_model(3, "imagenet")
+    assert len(attempts) == 1
+    assert "no route to host" in first and "no route to host" in second
+    assert "not retried" in second
