@@ -56,11 +56,21 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     sub.add_parser("worker", help="the RQ worker that trains")
     p = sub.add_parser("refresh", help="enqueue the job for one project now")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    for name, module in DELEGATED.items():
+    for name in DELEGATED:
         p = sub.add_parser(name, help=f"see python -m ml_backend {name} --help")
         if command == name:  # import only the module the user asked for (it may import torch)
-            importlib.import_module(module).add_arguments(p)
+            _delegated_module(name).add_arguments(p)
     return parser
+
+
+def _delegated_module(command: str):
+    try:
+        return importlib.import_module(DELEGATED[command])
+    except ModuleNotFoundError as exc:
+        if exc.name != DELEGATED[command]:
+            raise  # a missing dependency inside it: let the real error show
+        print(f"error: `{command}` is not available in this installation ({exc})", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +131,7 @@ def _refresh(settings: Settings, args) -> int:
 
 
 def _delegate(settings: Settings, args) -> int:
-    return int(importlib.import_module(DELEGATED[args.command]).run(args) or 0)
+    return int(_delegated_module(args.command).run(args) or 0)
 
 
 def _start_embedded_redis(settings: Settings):

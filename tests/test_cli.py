@@ -134,3 +134,14 @@ def test_run_starts_everything_and_sigterm_stops_all_children(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.parametrize("command", ["simulate", "demo"])
+def test_delegated_commands_show_their_help_or_say_they_are_missing(tmp_path, command):
+    result = cli(command, "--help", env=cli_env(tmp_path))
+    assert "Traceback" not in result.stderr
+    if result.returncode == 0:
+        assert f"python -m ml_backend {command}" in result.stdout
+    else:
+        assert result.returncode == 2
+        assert f"`{command}` is not available" in result.stderr

@@ -73,7 +73,7 @@ if alive(running, {started=true, queued=true, created=true}) then
 end
 redis.call('DEL', KEYS[2], KEYS[3])
 redis.call('SET', KEYS[1], ARGV[4])
-return {'enqueued', ARGV[4]}
+return {'enqueued', ARGV[4], running or ''}
 """
 )
 
@@ -166,8 +166,17 @@ def request_training(
     project_id = int(project_id)
     job_id = f"train-{project_id}-{uuid.uuid4().hex[:12]}"
     script = redis.register_script(_REQUEST)
-    outcome, _ = script(keys=_keys(project_id), args=[*_common_args(), _marker(job_id)])
+    outcome, _, *stale = script(keys=_keys(project_id), args=[*_common_args(), _marker(job_id)])
     outcome = _text(outcome)
+    if stale and _text(stale[0]):
+        # A job that was running died with its worker (killed, machine lost): say so.
+        dead_job = _text(stale[0]).split("|")[0]
+        StatusStore(redis).job_failed(
+            project_id,
+            dead_job,
+            "the worker stopped without finishing this job (killed or crashed)",
+        )
+        log.warning("project %s: job %s was interrupted; starting over", project_id, dead_job)
     if outcome == "enqueued":
         _enqueue(redis, settings, project_id, reason, job_id, target)
         log.info("project %s: training job %s enqueued (%s)", project_id, job_id, reason)

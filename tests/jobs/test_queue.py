@@ -140,8 +140,14 @@ def _fake_marker(redis_conn, project: int, which: str, job_id: str, since: int =
 
 def test_running_marker_of_a_dead_job_does_not_wedge(redis_conn, settings):
     # The worker died: the marker names a job RQ does not have (or has failed/stopped).
+    StatusStore(redis_conn).job_started(8, "train-8-gone", "ANNOTATION_CREATED")
     _fake_marker(redis_conn, 8, "running", "train-8-gone")
     assert q.request_training(redis_conn, settings, 8, "ANNOTATION_CREATED", RECORD) == "enqueued"
+    status = StatusStore(redis_conn).project_status(8)
+    assert status["state"] == "waiting"
+    assert status["last_job"]["job_id"] == "train-8-gone"
+    assert status["last_job"]["outcome"] == "failed"
+    assert "stopped without finishing" in status["last_job"]["error"]
 
     redis_conn.flushdb()
     job = Queue(settings.rq_queue, connection=redis_conn).enqueue(fixtures.record, 8, "x")
