@@ -48,3 +48,14 @@ def returns_nothing(project_id, reason, *, settings, redis, status):
 def ran(redis) -> list[dict]:
     """What ``record`` wrote, in order."""
     return [json.loads(r) for r in redis.lrange(RAN_KEY, 0, -1)]
+
+
+def wait_for_release(project_id, reason, *, settings, redis, status):
+    """Hold the job open until the test sets ``test:release`` (at most 30 s), then record."""
+    import time
+
+    redis.set("test:holding", "1")
+    deadline = time.monotonic() + 30
+    while not redis.exists("test:release") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return record(project_id, reason, settings=settings, redis=redis, status=status)
