@@ -13,7 +13,7 @@ block is built from the current best. Each pick is the true argmax of the true m
 so the picks are the textbook loop's picks. The block size adapts to how many picks the last block
 served.
 
-Numerics: rows are centred on their mean first (distances do not change, cancellation does), and
+Numerics: rows are centred on the candidates' mean (distances do not change, cancellation does), and
 squared distances come from one product of augmented rows, ``||x||^2 + ||c||^2 - 2 x.c``. Values
 up to ``128 eps max ||x||^2`` (the rounding noise of that expansion; eps of the compute dtype) are
 set to exactly 0, so an exact duplicate reads 0, not noise: in float32, rows closer than about 0.4%
@@ -99,7 +99,9 @@ def k_center_greedy_details(
         k: how many rows to pick.
         device: torch device; None (or "auto") means CUDA when available, else CPU.
         candidates: row indices that may be picked (default: every unlabeled row); labeled rows
-            among them are dropped. Distances are only computed for candidates.
+            among them are dropped. Only candidates and labeled rows are read (and checked for
+            NaN/inf); without labeled rows the first pick is the candidate farthest from the
+            candidates' mean.
 
     Returns:
         A :class:`KCenterResult`.
@@ -118,18 +120,16 @@ def k_center_greedy_details(
         cand = cand[~is_labeled[cand]]
     dev = _resolve_device(device)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    mean = _checked_mean(x)
+    d = x.shape[1]
 
     with _exact_matmul(dev):
-        d = x.shape[1]
-        xa = _augmented(x, cand, mean, dev, dtype, centre=False)
+        xa, mean = _prepare(x, cand, dev, dtype)
         min_d2 = torch.full((len(cand),), math.inf, dtype=dtype, device=dev)
         sq_max = float(xa[:, d + 1].max()) if len(cand) else 0.0
-        if len(cand):
-            for s in range(0, len(labeled), _LABELED_TILE):
-                ca = _augmented(x, labeled[s : s + _LABELED_TILE], mean, dev, dtype, centre=True)
-                _fold_min(min_d2, xa, ca)
-                sq_max = max(sq_max, float(ca[:, d].max()))
+        for s in range(0, len(labeled) if len(cand) else 0, _LABELED_TILE):
+            ca, _ = _prepare(x, labeled[s : s + _LABELED_TILE], dev, dtype, mean)
+            _fold_min(min_d2, xa, _as_centres(ca, d))
+            sq_max = max(sq_max, float(ca[:, d + 1].max()))
         noise = 2 * sq_max * _NOISE_EPS * torch.finfo(dtype).eps
         torch.nn.functional.threshold_(min_d2, noise, 0.0)
         picks_u, pick_d2, min_d2 = _greedy(xa, d, noise, min_d2, min(int(k), len(cand)))
@@ -207,26 +207,50 @@ def _fold_min(min_d2: torch.Tensor, xa: torch.Tensor, ca: torch.Tensor) -> None:
 
 # Augmented layout: a candidate row is [x, 1, |x|^2, 0...], a centre row is [-2c, |c|^2, 1, 0...],
 # so one product gives |x|^2 + |c|^2 - 2x.c. Width is padded to a multiple of 16 for the kernels.
-def _augmented(x, rows: np.ndarray, mean, dev, dtype, centre: bool) -> torch.Tensor:
+def _prepare(x, rows: np.ndarray, dev, dtype, mean=None):
+    """Augmented copy of ``x[rows]`` on ``dev``, centred on ``mean`` (default: these rows' mean).
+
+    Also the finiteness check, for free: a float64 column sum is finite iff every value is.
+    Returns ``(rows in the augmented candidate layout, float64 mean)``.
+    """
     d = x.shape[1]
     out = torch.empty((len(rows), -(-(d + 2) // 16) * 16), dtype=dtype, device=dev)
     out[:, d + 2 :] = 0.0
     out[:, d] = 1.0
-    idx, m = torch.from_numpy(rows), mean.to(dev, dtype)
-    step = max(1, _TILE_ELEMENTS // d)
+    idx, step = torch.from_numpy(rows), max(1, _TILE_ELEMENTS // d)
+    total = np.zeros(d)
     for s in range(0, len(rows), step):
-        part = _rows_on(x, idx[s : s + step], dev, dtype).sub_(m)
-        out[s : s + step, :d] = part
-        out[s : s + step, d + 1] = part.mul_(part).sum(dim=1)
-    return _as_centres(out, d) if centre else out
+        part = out[s : s + step, :d]
+        part.copy_(_rows_on(x, idx[s : s + step], dev, dtype))
+        chunk = _column_sum(part)
+        if not np.isfinite(chunk).all():
+            bad = torch.nonzero(~torch.isfinite(part).all(dim=1)).flatten().tolist()
+            where = f"row {rows[s + bad[0]]} holds NaN or inf" if bad else "values overflow"
+            raise SelectionInputError(
+                f"embeddings must be finite, but {where} (check the model's inference output)"
+            )
+        total += chunk
+    mean = torch.from_numpy(total / max(1, len(rows))) if mean is None else mean
+    m = mean.to(dev, dtype)
+    for s in range(0, len(rows), step):
+        part = out[s : s + step, :d].sub_(m)
+        out[s : s + step, d + 1] = (part * part).sum(dim=1)
+    return out, mean
 
 
 def _rows_on(x: torch.Tensor, idx: torch.Tensor, dev, dtype) -> torch.Tensor:
-    """A fresh copy of ``x[idx]`` on ``dev``; moves only the span of rows it needs when dense."""
+    """``x[idx]`` on ``dev``; when the rows are dense, moves only their span (no host gather)."""
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     if hi - lo <= 2 * len(idx):  # typical: every row but a few labeled ones
         return x[lo:hi].to(dev, dtype)[(idx - lo).to(dev)]
     return x.index_select(0, idx.to(x.device)).to(dev, dtype)
+
+
+def _column_sum(part: torch.Tensor) -> np.ndarray:
+    # numpy's float64-accumulating sum is several times faster than torch's on CPU
+    if part.device.type == "cpu":
+        return part.numpy().sum(axis=0, dtype=np.float64)
+    return part.sum(dim=0, dtype=torch.float64).cpu().numpy()
 
 
 def _as_centres(xa: torch.Tensor, d: int) -> torch.Tensor:
@@ -236,28 +260,6 @@ def _as_centres(xa: torch.Tensor, d: int) -> torch.Tensor:
     ca[:, d] = xa[:, d + 1]
     ca[:, d + 1] = 1.0
     return ca
-
-
-def _checked_mean(x: torch.Tensor) -> torch.Tensor:
-    """Column mean in float64; also the finiteness check (a float64 sum is finite iff all are)."""
-    total = np.zeros(x.shape[1], dtype=np.float64)
-    step = max(1, _TILE_ELEMENTS // x.shape[1])
-    for s in range(0, x.shape[0], step):
-        part = x[s : s + step]
-        # numpy's float64-accumulating sum is several times faster than torch's on CPU
-        chunk = (
-            part.sum(0, dtype=torch.float64).cpu().numpy()
-            if part.is_cuda
-            else (part.numpy().sum(0, dtype=np.float64))
-        )
-        if not np.isfinite(chunk).all():
-            row = s + int(torch.nonzero(~torch.isfinite(part).all(dim=1))[0, 0])
-            raise SelectionInputError(
-                f"embeddings must be finite, but row {row} holds NaN or inf "
-                "(check the model's inference output)"
-            )
-        total += chunk
-    return torch.from_numpy(total / max(1, x.shape[0]))
 
 
 def _as_tensor(embeddings) -> torch.Tensor:

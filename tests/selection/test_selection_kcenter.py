@@ -181,6 +181,7 @@ def test_cuda_matches_cpu():
         (np.zeros((5, 0)), [], 1, "d >= 1"),
         (np.array([[0.0, 1.0], [np.nan, 0.0]]), [], 1, "row 1 holds NaN"),
         (np.array([[0.0, np.inf], [1.0, 0.0]]), [], 1, "row 0 holds NaN or inf"),
+        (np.array([[0.0, 1.0], [1.0, 0.0], [np.nan, 0.0]]), [2], 1, "row 2 holds NaN"),
         (np.zeros((3, 2)), [3], 1, r"in \[0, 3\).*got 3"),
         (np.zeros((3, 2)), [-1], 1, "got -1"),
         (np.zeros((3, 2)), [0, 1, 2, 0], 1, "4 entries but the pool has only 3 rows"),
