@@ -273,6 +273,10 @@ def fit(
     val_images = np.take(images, val_idx, axis=0) if len(val_idx) else None
     cuda = device.type == "cuda"
     amp_dtype = amp_dtype_for(device)
+    if cuda:
+        torch.backends.cudnn.benchmark = (
+            True  # fixed image size: let cuDNN pick the fastest kernels
+        )
     model.to(device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
     criterion = nn.CrossEntropyLoss(
         weight=class_weights(labels[train_idx], num_classes).to(device),
@@ -297,6 +301,11 @@ def fit(
             generator, amp_dtype,
         )  # fmt: skip
         train_s = time.perf_counter() - t0
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training diverged at epoch {epoch}/{epochs} (loss {loss}); "
+                f"lower LEARNING_RATE (now {lr}) and retrain"
+            )
         if val_images is not None:
             _, val_acc = evaluate(
                 model, val_images, labels[val_idx], device, max(batch_size, 256), amp_dtype

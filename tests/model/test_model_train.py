@@ -126,3 +126,11 @@ def test_default_epochs_bounds():
     values = [default_epochs(n) for n in range(1, 100_000, 997)]
     assert values == sorted(values, reverse=True)
     assert max(n * default_epochs(n) for n in range(1_000, 200_000, 1_000)) <= 600_000
+
+
+def test_divergence_is_reported_not_saved(weather_small):
+    images, labels = weather_small
+    model, _ = build_model(3, "none", seed=0)
+    with pytest.raises(FloatingPointError, match="lower LEARNING_RATE"):
+        fit(model, images[:8], labels[:8], epochs=3, batch_size=4, lr=1e30,
+            val_fraction=0.0, seed=0, device="cpu")  # fmt: skip
