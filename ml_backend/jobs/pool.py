@@ -98,7 +98,9 @@ def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
     items, labels, skipped, problems = read_tasks(tasks, spec)
     if problems:
         sample = "; ".join(f"task {t}: {p}" for t, p in list(problems.items())[:5])
-        log.warning("ignored %d annotation(s) that do not fit the config: %s", len(problems), sample)
+        log.warning(
+            "ignored %d annotation(s) that do not fit the config: %s", len(problems), sample
+        )
     if skipped:
         sample = "; ".join(f"task {t}: {p}" for t, p in list(skipped.items())[:5])
         log.warning("%d task(s) have no image to use: %s", len(skipped), sample)
@@ -106,7 +108,9 @@ def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
     for task_id, reason in failures.items():
         skipped[int(task_id)] = reason
     if failures:
-        log.warning("%d image(s) could not be fetched or decoded; those tasks are skipped", len(failures))
+        log.warning(
+            "%d image(s) could not be fetched or decoded; those tasks are skipped", len(failures)
+        )
     ok = np.asarray(ok_ids, dtype=np.int64)
     label_arr = np.array([labels.get(int(t), -1) for t in ok], dtype=np.int64)
     return Pool(

@@ -62,15 +62,15 @@ def stale_versions(existing: dict[str, int] | list[str], current: str, keep: int
     Cold-start orderings other than the current one are always stale. Versions named by others
     (a different backend, manual imports) are never touched.
     """
-    trained = sorted(
-        (int(m.group(1)), name) for name in existing if (m := _TRAINED.match(name))
-    )
+    trained = sorted((int(m.group(1)), name) for name in existing if (m := _TRAINED.match(name)))
     keep_trained = {name for _, name in trained[-keep:]}
     stale = []
     for name in existing:
         if name == current:
             continue
-        if name.startswith(COLD_START_PREFIX) or (_TRAINED.match(name) and name not in keep_trained):
+        if name.startswith(COLD_START_PREFIX) or (
+            _TRAINED.match(name) and name not in keep_trained
+        ):
             stale.append(name)
     return sorted(stale)
 
@@ -85,7 +85,10 @@ def publish(client, project_id: int, items: list[dict], version: str, keep: int)
     if created < len(items):
         log.warning(
             "project %s: Label Studio created %d of %d predictions of %s (it skips invalid items)",
-            project_id, created, len(items), version,
+            project_id,
+            created,
+            len(items),
+            version,
         )
     if items and created == 0:
         raise RuntimeError(
@@ -102,4 +105,8 @@ def publish(client, project_id: int, items: list[dict], version: str, keep: int)
         deleted.append(name)
     if deleted:
         log.info("project %s: deleted old prediction versions %s", project_id, ", ".join(deleted))
-    return {"predictions_pushed": created, "predictions_sent": len(items), "versions_deleted": deleted}
+    return {
+        "predictions_pushed": created,
+        "predictions_sent": len(items),
+        "versions_deleted": deleted,
+    }

@@ -46,10 +46,14 @@ class Predictor:
                 if info.version == live:
                     return info
         if live and live.startswith(COLD_START_PREFIX):
-            raise ModelNotReady(f"project {project_id} has no trained model yet (queue ordered by cold start)")
+            raise ModelNotReady(
+                f"project {project_id} has no trained model yet (queue ordered by cold start)"
+            )
         info = self.store.latest(project_id)
         if info is None:
-            raise ModelNotReady(f"project {project_id} has no trained model yet; submit labels of two classes")
+            raise ModelNotReady(
+                f"project {project_id} has no trained model yet; submit labels of two classes"
+            )
         return info
 
     def _model(self, project_id: int, info):
@@ -69,7 +73,9 @@ class Predictor:
             self._client = LabelStudioClient(self.settings)
         return ImageCache(self.settings, self._client)
 
-    def predict(self, project_id: int, tasks: list[dict], label_config: str | None = None) -> list[dict]:
+    def predict(
+        self, project_id: int, tasks: list[dict], label_config: str | None = None
+    ) -> list[dict]:
         """One ``{"result", "score", "model_version"}`` per task, in order.
 
         ``score`` here is the model's confidence in its choice. Tasks whose image cannot be
@@ -81,7 +87,12 @@ class Predictor:
         for i, task in enumerate(tasks):
             url, why = image_url(task, spec)
             if url is None:
-                log.warning("project %s: task %s has no image to predict (%s)", project_id, task.get("id"), why)
+                log.warning(
+                    "project %s: task %s has no image to predict (%s)",
+                    project_id,
+                    task.get("id"),
+                    why,
+                )
                 continue
             task_id = int(task.get("id", -(i + 1)))
             rows[task_id] = i
@@ -93,12 +104,19 @@ class Predictor:
         arrays, ok_ids, _failures = self._image_cache().fetch_arrays(items)
         with self._lock:
             model, device = self._model(project_id, info)
-            probs, _ = predict(model, arrays, device=device, batch_size=self.settings.inference_batch_size)
+            probs, _ = predict(
+                model, arrays, device=device, batch_size=self.settings.inference_batch_size
+            )
         for row, task_id in enumerate(ok_ids):
             best = int(probs[row].argmax())
             label = info.labels[best]
             if label not in spec.labels:
-                log.warning("project %s: %s predicts %r, which the config no longer has", project_id, info.version, label)
+                log.warning(
+                    "project %s: %s predicts %r, which the config no longer has",
+                    project_id,
+                    info.version,
+                    label,
+                )
                 continue
             results[rows[int(task_id)]] = {
                 "result": choice_result(spec, label),

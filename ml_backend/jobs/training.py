@@ -54,7 +54,14 @@ class _Stopwatch:
 
 
 def train_project(
-    project_id: int, reason: str, *, settings: Settings, redis=None, status=None, client=None, image_cache=None
+    project_id: int,
+    reason: str,
+    *,
+    settings: Settings,
+    redis=None,
+    status=None,
+    client=None,
+    image_cache=None,
 ) -> dict:
     """The RQ job body: retrain (or cold-start rank) one project and push the new queue.
 
@@ -79,20 +86,41 @@ def train_project(
     _progress(status, project_id, stage="fetching")
     t0 = time.monotonic()
     spec = client.label_spec(project_id)
-    pool = build_pool(client.iter_tasks(project_id), spec, image_cache or ImageCache(settings, client))
+    pool = build_pool(
+        client.iter_tasks(project_id), spec, image_cache or ImageCache(settings, client)
+    )
     clock.lap("fetch", t0)
     log.info(
         "project %s: job started (%s): %d tasks with images, %d labeled %s, device %s",
-        project_id, reason, len(pool.task_ids), pool.n_labeled, pool.class_counts(), device,
+        project_id,
+        reason,
+        len(pool.task_ids),
+        pool.n_labeled,
+        pool.class_counts(),
+        device,
     )
     if len(pool.task_ids) == 0:
-        return _finish(status, project_id, "nothing to do: no task has a usable image", None, {}, clock, started)
+        return _finish(
+            status,
+            project_id,
+            "nothing to do: no task has a usable image",
+            None,
+            {},
+            clock,
+            started,
+        )
 
     store = ModelStore(settings.model_dir)
     why_not = pool.trainable_reason(settings.min_labels)
     if why_not:
-        log.info("project %s: not training (%s); ordering the queue by diversity (cold start)", project_id, why_not)
-        return _cold_start(project_id, why_not, pool, spec, client, settings, device, status, clock, started)
+        log.info(
+            "project %s: not training (%s); ordering the queue by diversity (cold start)",
+            project_id,
+            why_not,
+        )
+        return _cold_start(
+            project_id, why_not, pool, spec, client, settings, device, status, clock, started
+        )
 
     previous = store.latest(project_id)
     retrain = not (
@@ -106,7 +134,12 @@ def train_project(
         source = f"warm start from {previous.version}"
     else:
         model, source = build_model(len(pool.label_names), settings.pretrained, log=log)
-    metrics: dict = {"weights": source, "labels_used": pool.n_labeled, "class_counts": pool.class_counts()}
+        _record_weights(status, source)
+    metrics: dict = {
+        "weights": source,
+        "labels_used": pool.n_labeled,
+        "class_counts": pool.class_counts(),
+    }
 
     t0 = time.monotonic()
     if retrain:
@@ -114,15 +147,28 @@ def train_project(
         epochs = settings.epochs or default_epochs(pool.n_labeled)
         _progress(status, project_id, stage="training", epochs=epochs)
         result = fit(
-            model, pool.images[labeled], pool.labels[labeled],
-            epochs=epochs, batch_size=settings.batch_size, lr=settings.learning_rate,
-            val_fraction=settings.val_fraction, seed=settings.seed, device=device, log=log,
+            model,
+            pool.images[labeled],
+            pool.labels[labeled],
+            epochs=epochs,
+            batch_size=settings.batch_size,
+            lr=settings.learning_rate,
+            val_fraction=settings.val_fraction,
+            seed=settings.seed,
+            device=device,
+            log=log,
             progress=lambda info: _progress(status, project_id, stage="training", **info),
         )
         metrics.update(_fit_metrics(result))
     else:
-        log.info("project %s: labeled set unchanged since %s; re-ranking without retraining", project_id, previous.version)
-        metrics.update({k: previous.metrics.get(k) for k in ("val_accuracy", "val_size", "train_size")})
+        log.info(
+            "project %s: labeled set unchanged since %s; re-ranking without retraining",
+            project_id,
+            previous.version,
+        )
+        metrics.update(
+            {k: previous.metrics.get(k) for k in ("val_accuracy", "val_size", "train_size")}
+        )
         metrics["retrained"] = False
     clock.lap("train", t0)
 
@@ -133,37 +179,79 @@ def train_project(
     predicted = [pool.label_names[i] for i in probs.argmax(axis=1)]
     version = store.next_version(project_id)
     metrics.update(
-        fingerprint=pool.fingerprint(), strategy=ranking.strategy, pool_size=len(pool.task_ids),
-        skipped_tasks=len(pool.skipped), ignored_annotations=len(pool.label_problems),
-        device=str(device), queue_top=_queue_top(ranking, pool, probs, predicted, settings.queue_batch),
+        fingerprint=pool.fingerprint(),
+        strategy=ranking.strategy,
+        pool_size=len(pool.task_ids),
+        skipped_tasks=len(pool.skipped),
+        ignored_annotations=len(pool.label_problems),
+        device=str(device),
+        queue_top=_queue_top(ranking, pool, probs, predicted, settings.queue_batch),
     )
-    path = store.save(project_id, version, model, pool.label_names, metrics, clock.timings,
-                      extra={"image_size": settings.image_size})
-    items = build_predictions(pool.task_ids, queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask),
-                              version, spec, predicted)
+    path = store.save(
+        project_id,
+        version,
+        model,
+        pool.label_names,
+        metrics,
+        clock.timings,
+        extra={"image_size": settings.image_size},
+    )
+    items = build_predictions(
+        pool.task_ids,
+        queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask),
+        version,
+        spec,
+        predicted,
+    )
     _push(client, project_id, items, version, settings, path, status, clock, metrics)
     store.prune(project_id, settings.keep_versions)
     outcome = "trained" if retrain else "re-ranked (labels unchanged)"
     return _finish(status, project_id, outcome, version, metrics, clock, started)
 
 
-def _cold_start(project_id, why_not, pool: Pool, spec, client, settings, device, status, clock, started):
+def _cold_start(
+    project_id, why_not, pool: Pool, spec, client, settings, device, status, clock, started
+):
     model, source = build_model(len(pool.label_names), settings.pretrained, log=log)
+    _record_weights(status, source)
     if source not in ("imagenet",) and not source.startswith("file:"):
-        log.warning("project %s: cold-start embeddings come from %s; the diversity order is rough", project_id, source)
+        log.warning(
+            "project %s: cold-start embeddings come from %s; the diversity order is rough",
+            project_id,
+            source,
+        )
     _, embeddings = _predict_pool(model, pool, settings, device, status, project_id, clock)
     t0 = time.monotonic()
-    ranking = rank("coreset", probs=None, embeddings=embeddings, labeled_mask=pool.labeled_mask,
-                   batch=settings.queue_batch, shortlist_factor=settings.shortlist_factor,
-                   measure=settings.uncertainty, seed=settings.seed)
+    ranking = rank(
+        "coreset",
+        probs=None,
+        embeddings=embeddings,
+        labeled_mask=pool.labeled_mask,
+        batch=settings.queue_batch,
+        shortlist_factor=settings.shortlist_factor,
+        measure=settings.uncertainty,
+        seed=settings.seed,
+    )
     clock.lap("rank", t0)
     version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
-    items = build_predictions(pool.task_ids, queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask),
-                              version, spec, None)
-    metrics = {"weights": source, "labels_used": pool.n_labeled, "class_counts": pool.class_counts(),
-               "not_trained_because": why_not, "strategy": ranking.strategy, "pool_size": len(pool.task_ids),
-               "skipped_tasks": len(pool.skipped), "device": str(device),
-               "queue_top": _queue_top(ranking, pool, None, None, settings.queue_batch)}
+    items = build_predictions(
+        pool.task_ids,
+        queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask),
+        version,
+        spec,
+        None,
+    )
+    metrics = {
+        "weights": source,
+        "labels_used": pool.n_labeled,
+        "class_counts": pool.class_counts(),
+        "not_trained_because": why_not,
+        "strategy": ranking.strategy,
+        "pool_size": len(pool.task_ids),
+        "skipped_tasks": len(pool.skipped),
+        "device": str(device),
+        "queue_top": _queue_top(ranking, pool, None, None, settings.queue_batch),
+    }
     _push(client, project_id, items, version, settings, None, status, clock, metrics)
     return _finish(status, project_id, f"cold start ({why_not})", version, metrics, clock, started)
 
@@ -172,20 +260,37 @@ def _predict_pool(model, pool, settings, device, status, project_id, clock):
     t0 = time.monotonic()
     _progress(status, project_id, stage="predicting", total=len(pool.task_ids))
     probs, embeddings = predict(
-        model, pool.images, device=device, batch_size=settings.inference_batch_size,
-        progress=lambda done, total: _progress(status, project_id, stage="predicting", done=done, total=total),
+        model,
+        pool.images,
+        device=device,
+        batch_size=settings.inference_batch_size,
+        progress=lambda done, total: _progress(
+            status, project_id, stage="predicting", done=done, total=total
+        ),
     )
     clock.lap("predict", t0)
     seconds = clock.timings["predict_s"]
-    log.info("project %s: predicted %d images in %.1f s (%.0f images/s)", project_id, len(pool.task_ids),
-             seconds, len(pool.task_ids) / max(seconds, 1e-9))
+    log.info(
+        "project %s: predicted %d images in %.1f s (%.0f images/s)",
+        project_id,
+        len(pool.task_ids),
+        seconds,
+        len(pool.task_ids) / max(seconds, 1e-9),
+    )
     return probs, embeddings
 
 
 def _rank(settings, pool, probs, embeddings):
-    return rank(settings.strategy, probs=probs, embeddings=embeddings, labeled_mask=pool.labeled_mask,
-                batch=settings.queue_batch, shortlist_factor=settings.shortlist_factor,
-                measure=settings.uncertainty, seed=settings.seed)
+    return rank(
+        settings.strategy,
+        probs=probs,
+        embeddings=embeddings,
+        labeled_mask=pool.labeled_mask,
+        batch=settings.queue_batch,
+        shortlist_factor=settings.shortlist_factor,
+        measure=settings.uncertainty,
+        seed=settings.seed,
+    )
 
 
 def _push(client, project_id, items, version, settings, path, status, clock, metrics):
@@ -204,8 +309,12 @@ def _queue_top(ranking, pool: Pool, probs, predicted, n: int) -> list[dict]:
     """Why the top of the queue is there: rank, uncertainty, distance to the nearest labeled image."""
     top = []
     for position, row in enumerate(ranking.order[:n].tolist()):
-        entry = {"task_id": int(pool.task_ids[row]), "rank": position + 1,
-                 "uncertainty": _finite(ranking.uncertainty[row]), "distance": _finite(ranking.distance[row])}
+        entry = {
+            "task_id": int(pool.task_ids[row]),
+            "rank": position + 1,
+            "uncertainty": _finite(ranking.uncertainty[row]),
+            "distance": _finite(ranking.distance[row]),
+        }
         if probs is not None:
             entry.update(predicted=predicted[row], confidence=round(float(probs[row].max()), 4))
         top.append(entry)
@@ -219,10 +328,21 @@ def _finite(value) -> float | None:
 
 def _fit_metrics(result) -> dict:
     last = result.history[-1] if result.history else {}
-    return {"val_accuracy": result.val_accuracy, "val_size": result.val_size, "train_size": result.train_size,
-            "epochs": len(result.history), "train_loss": last.get("loss"),
-            "train_accuracy": last.get("train_accuracy"), "train_images_per_s": last.get("images_per_s"),
-            "retrained": True}
+    return {
+        "val_accuracy": result.val_accuracy,
+        "val_size": result.val_size,
+        "train_size": result.train_size,
+        "epochs": len(result.history),
+        "train_loss": last.get("loss"),
+        "train_accuracy": last.get("train_accuracy"),
+        "train_images_per_s": last.get("images_per_s"),
+        "retrained": True,
+    }
+
+
+def _record_weights(status, source: str) -> None:
+    if status is not None:  # /health shows whether ImageNet weights were available
+        status.set_pretrained(source)
 
 
 def _progress(status, project_id, **fields) -> None:
@@ -235,6 +355,12 @@ def _finish(status, project_id, outcome, version, metrics, clock, started) -> di
     if status is not None and metrics.get("queue_top") is not None:
         status.queue_top(project_id, metrics["queue_top"])
     metrics = {**metrics, "timings": clock.timings}
-    log.info("project %s: job done in %.1f s: %s%s; timings %s", project_id, clock.timings["total_s"], outcome,
-             f", now serving {version}" if version else "", clock.timings)
+    log.info(
+        "project %s: job done in %.1f s: %s%s; timings %s",
+        project_id,
+        clock.timings["total_s"],
+        outcome,
+        f", now serving {version}" if version else "",
+        clock.timings,
+    )
     return {"outcome": outcome, "model_version": version, "metrics": metrics}

@@ -1,0 +1,225 @@
+"""The retraining job end to end on CPU: real training, storage, ranking and status store.
+
+Label Studio itself is stood in for by ``FakeLabelStudio`` (our client wrapper's interface,
+recording calls) so the push/switch order and failure handling can be asserted exactly; the
+real server is exercised by tests/e2e.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from ml_backend.config import Settings
+from ml_backend.errors import LabelStudioUnavailable
+from ml_backend.jobs.state import StatusStore
+from ml_backend.jobs.training import train_project
+from ml_backend.labelstudio.images import to_array
+from ml_backend.labelstudio.labels import parse_config
+from ml_backend.model.storage import ModelStore
+from ml_backend.synthetic import LABELS, make_dataset
+
+CONFIG = open("label_config.xml").read()
+SIZE = 32
+
+
+def choice(label, cancelled=False, ann_id=1):
+    return {
+        "id": ann_id,
+        "was_cancelled": cancelled,
+        "created_at": f"2026-01-01T00:00:0{ann_id}Z",
+        "result": [
+            {
+                "from_name": "choice",
+                "to_name": "image",
+                "type": "choices",
+                "value": {"choices": [label]},
+            }
+        ],
+    }
+
+
+class FakeLabelStudio:
+    """Our LabelStudioClient's interface over in-memory tasks; records what the job did."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.calls = []
+        self.predictions = {}
+        self.fail_import = False
+
+    def label_spec(self, pid):
+        return parse_config(CONFIG)
+
+    def iter_tasks(self, pid):
+        yield from self.tasks
+
+    def import_predictions(self, pid, items):
+        if self.fail_import:
+            raise LabelStudioUnavailable("Label Studio at http://ls is down")
+        self.calls.append(("import", items[0]["model_version"], len(items)))
+        for item in items:
+            self.predictions[(item["task"], item["model_version"])] = item
+        return len(items)
+
+    def activate_version(self, pid, version):
+        self.calls.append(("activate", version))
+
+    def ensure_queue_view(self, pid):
+        self.calls.append(("view",))
+
+    def model_versions(self, pid):
+        versions = {}
+        for _, version in self.predictions:
+            versions[version] = versions.get(version, 0) + 1
+        return versions
+
+    def delete_version(self, pid, version):
+        self.calls.append(("delete", version))
+        self.predictions = {k: v for k, v in self.predictions.items() if k[1] != version}
+
+
+class FakeImageCache:
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+    def fetch_arrays(self, items):
+        ok = [(t, u) for t, u in items if u in self.arrays]
+        failures = {t: "corrupt image" for t, u in items if u not in self.arrays}
+        stack = (
+            np.stack([self.arrays[u] for _, u in ok])
+            if ok
+            else np.zeros((0, SIZE, SIZE, 3), np.uint8)
+        )
+        return stack, [t for t, _ in ok], failures
+
+
+@pytest.fixture
+def world():
+    torch.set_num_threads(2)
+    images, labels = make_dataset(150, seed=3, size=SIZE)
+    arrays = {f"/data/upload/1/{i}.png": to_array(img, SIZE) for i, img in enumerate(images)}
+    tasks = [
+        {"id": 100 + i, "data": {"image": f"/data/upload/1/{i}.png"}, "annotations": []}
+        for i in range(len(images))
+    ]
+    return tasks, labels, FakeImageCache(arrays)
+
+
+@pytest.fixture
+def job_settings(tmp_path):
+    return Settings(
+        model_dir=tmp_path / "models",
+        pretrained="none",
+        device="cpu",
+        image_size=SIZE,
+        epochs=6,
+        batch_size=16,
+        queue_batch=5,
+        seed=0,
+        label_studio_api_key="x",
+    )
+
+
+def run(job_settings, client, cache, status, reason="ANNOTATION_CREATED"):
+    return train_project(
+        1, reason, settings=job_settings, status=status, client=client, image_cache=cache
+    )
+
+
+def test_cold_start_orders_the_pool_without_preannotations(world, job_settings, redis_conn):
+    tasks, _, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    out = run(job_settings, client, cache, status, reason="TASKS_CREATED")
+    assert out["outcome"] == "cold start (no labels yet)"
+    version = out["model_version"]
+    assert version.startswith("coldstart-")
+    assert client.calls[:2] == [("import", version, 150), ("activate", version)]
+    preds = [p for (t, v), p in client.predictions.items() if v == version]
+    assert all(p["result"] == [] for p in preds)
+    first = min(preds, key=lambda p: p["score"])
+    assert out["metrics"]["queue_top"][0]["task_id"] == first["task"]
+    assert status.read_queue_top(1)[0]["task_id"] == first["task"]
+    assert status.pretrained() == "none"
+    assert ModelStore(job_settings.model_dir).latest(1) is None  # nothing trained
+
+
+def test_one_class_labeled_is_not_trained_and_says_why(world, job_settings, redis_conn):
+    tasks, _, cache = world
+    tasks[0]["annotations"] = [choice("Sunny")]
+    tasks[1]["annotations"] = [choice("Sunny")]
+    out = run(job_settings, FakeLabelStudio(tasks), cache, StatusStore(redis_conn))
+    assert "only one class labeled (Sunny)" in out["outcome"]
+
+
+def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
+    world, job_settings, redis_conn
+):
+    tasks, labels, cache = world
+    for i in range(60):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    tasks[60]["annotations"] = [choice("Foggy")]  # outside the config: reported, ignored
+    tasks[61]["annotations"] = [choice(labels[61], cancelled=True)]  # skipped task: not a label
+    client = FakeLabelStudio(tasks)
+    out = run(job_settings, client, cache, StatusStore(redis_conn))
+
+    assert out["outcome"] == "trained" and out["model_version"] == "resnet18-v1"
+    assert out["metrics"]["labels_used"] == 60 and out["metrics"]["ignored_annotations"] == 1
+    assert [c[0] for c in client.calls[:3]] == ["import", "activate", "view"]
+    preds = {t: p for (t, v), p in client.predictions.items() if v == "resnet18-v1"}
+    assert len(preds) == 150  # one prediction on every task
+    unlabeled = [100 + i for i in range(60, 150)]
+    correct = np.mean(
+        [preds[t]["result"][0]["value"]["choices"][0] == labels[t - 100] for t in unlabeled]
+    )
+    assert correct > 0.6, f"accuracy on unlabeled tasks {correct:.2f} is not above chance (0.33)"
+    queue = sorted(unlabeled, key=lambda t: preds[t]["score"])
+    assert queue[0] == out["metrics"]["queue_top"][0]["task_id"]
+    assert all(
+        preds[100 + i]["score"] == 1.0 for i in range(60)
+    )  # labeled tasks are out of the queue
+    info = ModelStore(job_settings.model_dir).latest(1)
+    assert info.version == "resnet18-v1" and info.labels == list(LABELS)
+    assert {"fetch_s", "train_s", "predict_s", "push_s"} <= set(out["metrics"]["timings"])
+
+
+def test_unchanged_labels_rerank_and_forced_reasons_retrain(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    assert run(job_settings, client, cache, status)["outcome"] == "trained"
+    again = run(job_settings, client, cache, status, reason="TASKS_CREATED")
+    assert (
+        again["outcome"] == "re-ranked (labels unchanged)"
+        and again["model_version"] == "resnet18-v2"
+    )
+    forced = run(job_settings, client, cache, status, reason="START_TRAINING")
+    assert forced["outcome"] == "trained" and forced["model_version"] == "resnet18-v3"
+    assert forced["metrics"]["weights"] == "warm start from resnet18-v2"
+
+
+def test_failed_push_leaves_the_previous_version_serving(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    run(job_settings, client, cache, status)
+    tasks[40]["annotations"] = [choice(labels[40])]
+    client.fail_import = True
+    with pytest.raises(LabelStudioUnavailable):
+        run(job_settings, client, cache, status)
+    store = ModelStore(job_settings.model_dir)
+    assert [v.version for v in store.versions(1)] == ["resnet18-v1"]
+    assert ("activate", "resnet18-v2") not in client.calls
+
+
+def test_broken_images_are_skipped_not_fatal(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    tasks[100]["data"]["image"] = "/data/upload/1/corrupt.png"
+    del tasks[101]["data"]["image"]
+    client = FakeLabelStudio(tasks)
+    out = run(job_settings, client, cache, StatusStore(redis_conn))
+    assert out["outcome"] == "trained" and out["metrics"]["skipped_tasks"] == 2
+    assert (200, "resnet18-v1") not in client.predictions
