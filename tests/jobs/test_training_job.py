@@ -5,6 +5,8 @@ recording calls) so the push/switch order and failure handling can be asserted e
 real server is exercised by tests/e2e.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from ml_backend.labelstudio.labels import parse_config
 from ml_backend.model.storage import ModelStore
 from ml_backend.synthetic import LABELS, make_dataset
 
-CONFIG = open("label_config.xml").read()
+CONFIG = (Path(__file__).parents[2] / "label_config.xml").read_text()
 SIZE = 32
 
 
