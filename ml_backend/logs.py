@@ -62,6 +62,9 @@ def setup_logging(level: str = "INFO") -> None:
     """
     root = logging.getLogger()
     root.setLevel(level)
+    # The SDK's HTTP client logs every request (with URLs) at INFO: keep that out of a retrain's story.
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     for handler in root.handlers:
         if getattr(handler, "_ml_backend", False):
             return
