@@ -1,0 +1,93 @@
+"""End-to-end fixtures (session-scoped): Label Studio, Redis, the backend, projects.
+
+Helpers and settings live in ``e2e_support.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from e2e_support import Stack, backend_env, new_project, spread_labels
+
+from ml_backend.demo_project import LabelStudioAPI
+from ml_backend.local_services import BackendProcesses, LabelStudioServer, RedisProcess, tail
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
+
+
+@pytest.fixture(scope="session")
+def label_studio(e2e_dir):
+    """A fresh Label Studio, or the running one ``E2E_LABEL_STUDIO`` names (for quick reruns).
+
+    ``E2E_LABEL_STUDIO=<base dir>:<port>:<legacy token>`` reuses a server started with
+    ``LabelStudioServer(<base dir>, port, token=...)`` (say, by ``python -m ml_backend demo``).
+    """
+    reuse = os.environ.get("E2E_LABEL_STUDIO")
+    if reuse:
+        base, port, token = reuse.rsplit(":", 2)
+        yield LabelStudioServer(Path(base), port=int(port), token=token)
+        return
+    server = LabelStudioServer(e2e_dir / "label-studio")
+    try:
+        server.start()
+    except Exception as exc:
+        server.stop()
+        pytest.fail(f"Label Studio did not start: {exc}\n{tail(server.log_path)}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ls_api(label_studio) -> LabelStudioAPI:
+    return LabelStudioAPI(label_studio.url, label_studio.token)
+
+
+@pytest.fixture(scope="session")
+def e2e_redis(e2e_dir):
+    server = RedisProcess(e2e_dir / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(label_studio, ls_api, e2e_redis, e2e_dir):
+    """The backend with the admin's legacy token."""
+    env = backend_env(label_studio, e2e_redis.url, e2e_dir / "models", label_studio.token)
+    backend = BackendProcesses(env, e2e_dir / "backend-logs")
+    try:
+        backend.start()
+    except Exception as exc:
+        backend.stop()
+        pytest.fail(f"the backend did not start: {exc}\n{backend.logs()}")
+    yield Stack(label_studio, ls_api, backend)
+    backend.stop()
+    print(f"\nbackend logs in {backend.log_dir}; Label Studio log {label_studio.log_path}")
+
+
+@pytest.fixture(scope="session")
+def cold_project(stack):
+    """``(project, truth, cold status)`` once the cold-start ordering is live."""
+    project, truth = new_project(stack, "e2e weather")
+    status = stack.wait_idle_version(project, "the cold-start job", newer_than=set())
+    return project, truth, status
+
+
+@pytest.fixture(scope="session")
+def trained_project(stack, cold_project):
+    """``(project, truth, labeled task ids, status)`` after 30 annotations and the retrain."""
+    project, truth, cold = cold_project
+    # The cold-start test asked /next/, which locked its task to us: label it first, as the
+    # annotator would, then 29 more spread over the classes.
+    first = cold["queue_top"][0]["task_id"]
+    labeled = [(first, truth[first]), *spread_labels(truth, 29, skip={first})]
+    for task, label in labeled:
+        stack.api.annotate(task, label)
+    status = stack.wait_idle_version(
+        project, "the retrain on 30 annotations", {cold["model_version"]}, labels=len(labeled)
+    )
+    return project, truth, {t for t, _ in labeled}, status

@@ -1,0 +1,149 @@
+"""End-to-end helpers: a real Label Studio 1.23.2, a real Redis, the backend as users start it.
+
+The fixtures in conftest.py use them: one Label Studio per session (its first start migrates a database: ~60-90 s). The backend runs
+as two processes, ``python -m ml_backend serve`` and ``python -m ml_backend worker``, with small
+CPU settings so a retrain takes seconds. Every wait fails with the backend's and Label Studio's
+log tails, so a red test says what the processes were doing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import requests
+
+from ml_backend.demo_project import LabelStudioAPI, import_images
+from ml_backend.local_services import BackendProcesses, LabelStudioServer, tail
+
+N_IMAGES = 300
+N_UPLOADS = 30  # the rest are local files
+BACKEND_SETTINGS = {
+    "PRETRAINED": "none",  # no downloads in tests
+    "DEVICE": "cpu",
+    "IMAGE_SIZE": "64",
+    "EPOCHS": "15",
+    "BATCH_SIZE": "16",
+    "INFERENCE_BATCH_SIZE": "128",
+    "QUEUE_BATCH": "10",
+    "LOG_LEVEL": "INFO",
+    "IMAGE_FETCH_WORKERS": "4",
+}
+
+
+def wait_for(check: Callable[[], object], what: str, timeout_s: float, logs: Callable[[], str]):
+    """Poll ``check`` until it returns something truthy; fail with ``logs()`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except (requests.RequestException, KeyError, RuntimeError) as exc:
+            last_error = exc
+        time.sleep(1.0)
+    pytest.fail(
+        f"timed out after {timeout_s:.0f} s waiting for {what} (last error: {last_error})\n{logs()}"
+    )
+
+
+class Stack:
+    """Label Studio + Redis + one backend (web + worker) and helpers to read their state."""
+
+    def __init__(self, ls: LabelStudioServer, api: LabelStudioAPI, backend: BackendProcesses):
+        self.ls, self.api, self.backend = ls, api, backend
+
+    def logs(self) -> str:
+        return f"{self.backend.logs()}\n----- label-studio.log -----\n{tail(self.ls.log_path, 30)}"
+
+    def status(self, project: int) -> dict | None:
+        reply = requests.get(f"{self.backend.url}/status/{project}", timeout=10)
+        return reply.json() if reply.status_code == 200 else None
+
+    def finished_jobs(self, project: int) -> list[dict]:
+        """Finished history entries, newest first (failed ones fail the test with the log)."""
+        status = self.status(project) or {}
+        history = status.get("history", [])
+        failed = [h for h in history if h.get("error")]
+        if failed:
+            pytest.fail(f"a job failed: {failed[0]['error']}\n{self.logs()}")
+        return [h for h in history if h.get("finished_at")]
+
+    def wait_idle_version(
+        self,
+        project: int,
+        what: str,
+        newer_than: set[str],
+        labels: int | None = None,
+        timeout_s=300,
+    ) -> dict:
+        """Wait until the project is idle and serves a version not in ``newer_than``.
+
+        With ``labels``, the served version must also have been trained on that many labels
+        (jobs started while annotations were still arriving saw fewer).
+        """
+
+        def check():
+            assert self.backend.alive(), f"a backend process died\n{self.logs()}"
+            status = self.status(project)
+            if not status or status.get("state") != "idle" or status["queue"].get("waiting_job"):
+                return None
+            jobs = self.finished_jobs(project)
+            version = status.get("model_version")
+            if not version or version in newer_than:
+                return None
+            if labels is not None:
+                served = [j for j in jobs if j.get("model_version") == version]
+                if not served or (served[0].get("metrics") or {}).get("labels_used") != labels:
+                    return None
+            return status
+
+        return wait_for(check, what, timeout_s, self.logs)
+
+
+def backend_env(label_studio, redis_url: str, model_dir: Path, api_key: str) -> dict:
+    """The backend's settings, as a user would export them."""
+    return {
+        **BACKEND_SETTINGS,
+        "REDIS_URL": redis_url,
+        "LABEL_STUDIO_URL": label_studio.url,
+        "LABEL_STUDIO_API_KEY": api_key,
+        "MODEL_DIR": str(model_dir),
+        "BASIC_AUTH_USER": None,
+        "BASIC_AUTH_PASS": None,
+    }
+
+
+def new_project(stack: Stack, title: str, n: int = N_IMAGES, uploads: int = N_UPLOADS):
+    """A project from label_config.xml with generated images, connected to the backend.
+
+    The backend is connected before the import, so the TASKS_CREATED webhook starts the
+    cold-start job; ``start_training_on_annotation_update`` makes Label Studio also send
+    START_TRAINING on submits. Returns ``(project id, {task id: true label})``.
+    """
+    api = stack.api
+    project = api.create_project(title)
+    api.connect_backend(project, stack.backend.url)
+    api.update_project(project, start_training_on_annotation_update=True)
+    truth = import_images(api, project, stack.ls.document_root, n, uploads=uploads, seed=project)
+    return project, truth
+
+
+def spread_labels(
+    truth: dict[int, str], n: int, skip: set[int] = frozenset()
+) -> list[tuple[int, str]]:
+    """``n`` (task, label) pairs spread evenly over the classes."""
+    by_class: dict[str, list[int]] = {}
+    for task, label in sorted(truth.items()):
+        if task not in skip:
+            by_class.setdefault(label, []).append(task)
+    picked, i = [], 0
+    while len(picked) < n:
+        for tasks in by_class.values():
+            if i < len(tasks) and len(picked) < n:
+                picked.append((tasks[i], truth[tasks[i]]))
+        i += 1
+    return picked
