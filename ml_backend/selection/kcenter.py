@@ -172,6 +172,7 @@ def _greedy(xa: torch.Tensor, d: int, noise: float, min_d2: torch.Tensor, k: int
             rows = _top_rows(key, b, v)
             col_of[col_of >= 0] = -1
             col_of[rows] = np.arange(len(rows))
+            block = block_view = None  # free the old block before the new one is allocated
             block = _block(xa, rows, d, noise)
             block_view = block.numpy() if on_cpu else block
             used = 0
