@@ -51,13 +51,15 @@ def iter_device_batches(
 
     A producer thread gathers batch ``k + 1`` (and ``k + 2``) while the caller computes on batch
     ``k``. On CUDA each batch goes through one of ``depth`` pinned buffers with a
-    ``non_blocking`` copy; a buffer is refilled only after the event recorded behind its copy
-    has completed. Entries are slices (sequential reads, best for memmaps) or index arrays.
+    ``non_blocking`` copy on a side stream (overlapping the compute); a buffer is refilled only
+    after the event recorded behind its copy has completed. Entries are slices (sequential
+    reads, best for memmaps) or index arrays.
     """
     if len(indices) == 0:
         return
     cuda = device.type == "cuda"
     buffers: list[torch.Tensor] = []
+    copy_stream = torch.cuda.Stream(device) if cuda else None
     if cuda:
         rows = max(_length(ix, len(images)) for ix in indices)
         buffers = [
@@ -99,9 +101,15 @@ def iter_device_batches(
                 raise item
             slot, payload = item
             if cuda:
-                batch = buffers[slot][:payload].to(device, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
+                # The copy runs on its own stream so it overlaps the previous batch's compute;
+                # the compute stream waits for it, and the producer waits before refilling.
+                with torch.cuda.stream(copy_stream):
+                    batch = buffers[slot][:payload].to(device, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(copy_stream)
+                compute_stream = torch.cuda.current_stream(device)
+                compute_stream.wait_event(event)
+                batch.record_stream(compute_stream)
                 events[slot] = event
             else:
                 batch = torch.from_numpy(payload)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ml_backend.model.data import check_images, iter_device_batches, normalize
 from ml_backend.model.network import EMBEDDING_DIM, embed_and_classify
-from ml_backend.model.train import amp_dtype_for
+from ml_backend.model.train import amp_dtype_for, concrete_device
 
 PROGRESS_EVERY_S = 0.5
 
@@ -44,7 +44,7 @@ def predict(
         ``float32 [N, 512]`` penultimate-layer features. ``N = 0`` gives empty arrays.
     """
     check_images(images)
-    device = torch.device(device)
+    device = concrete_device(torch.device(device))
     cuda = device.type == "cuda"
     n, num_classes = len(images), model.fc.out_features
     probs = np.empty((n, num_classes), dtype=np.float32)

@@ -113,7 +113,7 @@ def amp_dtype_for(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _concrete(device: torch.device) -> torch.device:
+def concrete_device(device: torch.device) -> torch.device:
     """``cuda`` -> ``cuda:<current>``, so generators and tensors name the same device."""
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
@@ -247,7 +247,7 @@ def fit(
         ValueError: images and labels do not fit together or with the model.
     """
     log = log or logger
-    device = _concrete(torch.device(device))
+    device = concrete_device(torch.device(device))
     check_images(images)
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = model.fc.out_features
