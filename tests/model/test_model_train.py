@@ -134,3 +134,14 @@ def test_divergence_is_reported_not_saved(weather_small):
     with pytest.raises(FloatingPointError, match="lower LEARNING_RATE"):
         fit(model, images[:8], labels[:8], epochs=3, batch_size=4, lr=1e30,
             val_fraction=0.0, seed=0, device="cpu")  # fmt: skip
+
+
+def test_fit_reads_a_memmap(weather_small, tmp_path):
+    images, labels = weather_small
+    path = tmp_path / "labeled.u8"
+    images[:12].tofile(path)
+    pool = np.memmap(path, dtype=np.uint8, mode="r", shape=(12, *images.shape[1:]))
+    model, _ = build_model(3, "none", seed=0)
+    result = fit(model, pool, labels[:12], epochs=1, batch_size=4, lr=1e-3, val_fraction=0.25,
+                 seed=0, device="cpu")  # fmt: skip
+    assert result.val_size == 3 and result.train_size == 9
