@@ -44,6 +44,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_least_one(text: str) -> float:
+    value = float(text)
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -112,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--shortlist-factor",
-        type=_positive,
+        type=_at_least_one,
         default=_DEFAULTS.shortlist_factor,
         help="diversified: k-center picks among batch x this many most uncertain (default: %(default)s)",
     )
@@ -133,6 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("simulation"), help="output folder (default: ./simulation)"
     )
     add("--no-progress", action="store_true", help="no progress bar (logs still say each round)")
+    add("--verbose", action="store_true", help="also log every training epoch")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,10 +160,18 @@ def _simulate(args: argparse.Namespace) -> None:
     from ml_backend.model.network import resolve_device
     from ml_backend.simulation import report
     from ml_backend.simulation.data import load_dataset
-    from ml_backend.simulation.loop import SimConfig, full_data_accuracy, make_split, run_seed
+    from ml_backend.simulation.loop import (
+        SimConfig,
+        full_data_accuracy,
+        make_split,
+        run_seed,
+        train_logger,
+    )
 
     if args.image_size < 8:
         raise BackendError(f"--image-size must be at least 8, got {args.image_size}")
+    # Hundreds of retrains x epochs would drown the per-round lines.
+    train_logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

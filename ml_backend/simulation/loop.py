@@ -23,6 +23,8 @@ from sklearn.model_selection import train_test_split
 from ml_backend.simulation.data import Dataset, DatasetError
 
 logger = logging.getLogger(__name__)
+# fit's per-epoch lines go here, so the command line can quiet them apart from the round lines.
+train_logger = logger.getChild("train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ class SimConfig:
     lr: float = 1e-3
     device: str = "cpu"
     pretrained: str = "none"
-    shortlist_factor: int = 5
+    shortlist_factor: float = 5.0
     measure: str = "entropy"
     inference_batch_size: int = 256
 
@@ -106,6 +108,7 @@ def _train_and_eval(
         val_fraction=0.0,  # the held-out test split measures accuracy; no label is wasted
         seed=split.seed,
         device=device,
+        log=train_logger,
     )
     # One inference pass over pool + test: the pool feeds the ranking, the test the accuracy.
     both = np.concatenate([split.pool, split.test])
@@ -159,6 +162,7 @@ def run_seed(
                 shortlist_factor=cfg.shortlist_factor,
                 measure=cfg.measure,
                 seed=split.seed * 100_003 + round_,
+                device=device,
             )
             picked = np.asarray(ranking.order[: cfg.batch], dtype=np.int64)
             if mask[picked].any() or len(np.unique(picked)) != len(picked):
