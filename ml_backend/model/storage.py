@@ -128,7 +128,8 @@ class ModelStore:
             "extra": extra,
         }
         meta_text = json.dumps(meta, indent=2, default=_json_default)
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # Plain contiguous CPU tensors: a channels_last GPU model loads anywhere.
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         with self._locked(project) as folder:
             final = folder / version
             if final.exists():
