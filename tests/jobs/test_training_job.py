@@ -97,7 +97,7 @@ class FakeImageCache:
 
 @pytest.fixture
 def world():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     images, labels = make_dataset(150, seed=3, size=SIZE)
     arrays = {f"/data/upload/1/{i}.png": to_array(img, SIZE) for i, img in enumerate(images)}
     tasks = [
