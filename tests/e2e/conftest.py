@@ -24,13 +24,13 @@ def e2e_dir(tmp_path_factory) -> Path:
 def label_studio(e2e_dir):
     """A fresh Label Studio, or the running one ``E2E_LABEL_STUDIO`` names (for quick reruns).
 
-    ``E2E_LABEL_STUDIO=<base dir>:<port>:<legacy token>`` reuses a server started with
-    ``LabelStudioServer(<base dir>, port, token=...)`` (say, by ``python -m ml_backend demo``).
+    ``E2E_LABEL_STUDIO=<base dir>:<port>:<legacy token>:<admin password>`` reuses a server
+    started with ``LabelStudioServer(<base dir>, port, password=..., token=...)``.
     """
     reuse = os.environ.get("E2E_LABEL_STUDIO")
     if reuse:
-        base, port, token = reuse.rsplit(":", 2)
-        yield LabelStudioServer(Path(base), port=int(port), token=token)
+        base, port, token, password = reuse.rsplit(":", 3)
+        yield LabelStudioServer(Path(base), port=int(port), password=password, token=token)
         return
     server = LabelStudioServer(e2e_dir / "label-studio")
     try:

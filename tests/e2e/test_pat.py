@@ -1,0 +1,47 @@
+"""The backend with a personal access token (what Label Studio 1.23 hands out by default).
+
+A PAT is a JWT refresh token made with ``POST /api/token/``; the backend must exchange it for
+access tokens itself. A second backend (own web + worker, same Label Studio and Redis) runs with
+the PAT and carries a small project from cold start to a retrain.
+"""
+
+from __future__ import annotations
+
+import pytest
+from e2e_support import Stack, backend_env, new_project, spread_labels
+
+from ml_backend.local_services import BackendProcesses
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def pat_stack(label_studio, ls_api, e2e_redis, e2e_dir):
+    token = ls_api.call("POST", "/api/token/", expect=(200, 201))["token"]
+    assert token.count(".") == 2, "a PAT is a JWT"
+    env = backend_env(label_studio, e2e_redis.url, e2e_dir / "models-pat", token)
+    env["RQ_QUEUE"] = "ml-backend-pat"  # its own worker picks its own jobs
+    backend = BackendProcesses(env, e2e_dir / "backend-pat-logs")
+    try:
+        backend.start()
+    except Exception as exc:
+        backend.stop()
+        pytest.fail(f"the PAT backend did not start: {exc}\n{backend.logs()}")
+    yield Stack(label_studio, ls_api, backend)
+    backend.stop()
+
+
+def test_a_personal_access_token_drives_the_whole_loop(pat_stack):
+    project, truth = new_project(pat_stack, "e2e weather (PAT)", n=60, uploads=6)
+    cold = pat_stack.wait_idle_version(project, "the cold-start job (PAT)", newer_than=set())
+    assert cold["model_version"].startswith("coldstart-")
+    assert pat_stack.api.model_versions(project).get(cold["model_version"]) == 60
+
+    labeled = spread_labels(truth, 9)
+    for task, label in labeled:
+        pat_stack.api.annotate(task, label)
+    trained = pat_stack.wait_idle_version(
+        project, "the retrain (PAT)", {cold["model_version"]}, labels=len(labeled)
+    )
+    assert pat_stack.api.project(project)["model_version"] == trained["model_version"]
+    assert pat_stack.api.model_versions(project).get(trained["model_version"]) == 60

@@ -1,0 +1,111 @@
+"""The deployment files hang together: docker-compose.yml, Dockerfile, .dockerignore.
+
+Docker cannot run here, so these check what can be checked without it: the compose file parses,
+the services and their healthchecks exist, every setting given to the backend is a real one
+(``SETTINGS_DOC``), the commands are real CLI commands, and the Dockerfile copies what exists.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ml_backend.config import SETTINGS_DOC
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKEND_SERVICES = ("web", "worker", "worker-cpu")
+# Read by libraries or Python itself, not by our Settings.
+NOT_OUR_SETTINGS = {"TORCH_HOME", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> str:
+    return (ROOT / "Dockerfile").read_text()
+
+
+def test_compose_has_every_service_with_a_healthcheck(compose):
+    services = compose["services"]
+    assert set(services) == {"redis", "web", "worker", "worker-cpu", "label-studio"}
+    for name, service in services.items():
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+    for name in BACKEND_SERVICES:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_backend_services_run_real_cli_commands(compose):
+    services = compose["services"]
+    assert services["web"]["command"][:4] == ["python", "-m", "ml_backend", "serve"]
+    assert services["web"]["ports"] == ["9090:9090"]
+    for name in ("worker", "worker-cpu"):
+        assert services[name]["command"] == ["python", "-m", "ml_backend", "worker"]
+
+
+def test_gpu_worker_reserves_a_gpu_and_cpu_worker_is_a_profile(compose):
+    services = compose["services"]
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["worker"]["environment"]["DEVICE"] == "cuda"
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert services["worker-cpu"]["environment"]["DEVICE"] == "cpu"
+    assert "deploy" not in services["worker-cpu"]
+
+
+def test_backend_environment_names_only_real_settings(compose):
+    for name in BACKEND_SERVICES:
+        env = compose["services"][name]["environment"]
+        unknown = set(env) - set(SETTINGS_DOC) - NOT_OUR_SETTINGS
+        assert not unknown, f"{name} sets variables the backend does not read: {unknown}"
+        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+        assert env["MODEL_DIR"] == "/data/models"
+        assert "models:/data/models" in compose["services"][name]["volumes"]
+
+
+def test_label_studio_is_set_up_for_a_local_backend(compose):
+    ls = compose["services"]["label-studio"]
+    assert ls["image"] == "heartexlabs/label-studio:1.23.2"
+    env = ls["environment"]
+    assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
+    assert env["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
+    assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    # The backend's key and Label Studio's admin token are the same variable.
+    token = re.match(r"\$\{(\w+)", env["LABEL_STUDIO_USER_TOKEN"]).group(1)
+    backend_key = compose["services"]["web"]["environment"]["LABEL_STUDIO_API_KEY"]
+    assert backend_key.startswith("${" + token)
+    assert any(v.startswith("ls-data:") for v in ls["volumes"])
+    assert set(compose["volumes"]) >= {"models", "ls-data", "redis-data"}
+
+
+def test_dockerfile_installs_requirements_and_fetches_weights(dockerfile):
+    assert re.search(r"^FROM python:3\.\d+", dockerfile, re.M)
+    assert "pip install -r requirements.txt" in dockerfile
+    assert "ResNet18_Weights.IMAGENET1K_V1" in dockerfile
+    assert re.search(r"TORCH_HOME=\S+", dockerfile)
+    assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
+    assert re.search(r"^USER \w+", dockerfile, re.M), "the image should not run as root"
+    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    env_names = set(
+        re.findall(r"(\w+)=", " ".join(re.findall(r"^ENV .*(?:\n\s+.*)*", dockerfile, re.M)))
+    )
+    assert env_names - set(SETTINGS_DOC) <= NOT_OUR_SETTINGS | {
+        "PIP_NO_CACHE_DIR",
+        "PIP_DISABLE_PIP_VERSION_CHECK",
+    }
+
+
+def test_dockerignore_keeps_local_state_out(dockerfile):
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    assert {".git", ".venv", ".cache", "data", ".env"} <= ignored
+    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert source not in ignored
