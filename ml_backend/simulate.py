@@ -141,6 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--no-progress", action="store_true", help="no progress bar (logs still say each round)")
     add("--verbose", action="store_true", help="also log every training epoch")
+    add(
+        "--report-only",
+        action="store_true",
+        help="train nothing: rebuild summary.md and the plot from the CSVs already in --out "
+        "(e.g. after stopping a long run)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +159,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_only(args: argparse.Namespace) -> None:
+    import csv
+
+    from ml_backend.simulation import report
+
+    out: Path = args.out
+    try:
+        with (out / "rounds.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        with (out / "full_data.csv").open() as f:
+            full = {int(r["seed"]): float(r["accuracy"]) for r in csv.DictReader(f)}
+    except FileNotFoundError as exc:
+        raise BackendError(
+            f"--report-only needs rounds.csv and full_data.csv in {out}: {exc}"
+        ) from None
+    rows = [r for r in rows if int(r["seed"]) in full]
+    strategies = [s for s in args.strategies if any(r["strategy"] == s for r in rows)]
+    if not rows or not strategies:
+        raise BackendError(f"no finished seed of {','.join(args.strategies)} in {out}/rounds.csv")
+    title = f"{out.name}: {len(full)} seed(s)"
+    (out / "summary.md").write_text(report.summary_markdown(rows, full, strategies, title))
+    report.plot_curves(out / "learning_curves.png", rows, full, strategies, title)
+
+
 def _simulate(args: argparse.Namespace) -> None:
+    if args.report_only:
+        _report_only(args)
+        return
     import torch
     from tqdm import tqdm
 
@@ -201,8 +234,10 @@ def _simulate(args: argparse.Namespace) -> None:
             rows += run_seed(data, split, cfg, device, tick=bar.update)
             # Rewrite after every seed so a long run that is stopped still leaves its results.
             report.write_rounds_csv(out / "rounds.csv", rows)
+            report.write_full_csv(
+                out / "full_data.csv", full, {s.seed: len(s.pool) for s in splits}
+            )
     title = f"{data.source}, {args.image_size}px, {cfg.batch} labels per round"
-    report.write_full_csv(out / "full_data.csv", full, {s.seed: len(s.pool) for s in splits})
     (out / "summary.md").write_text(report.summary_markdown(rows, full, cfg.strategies, title))
     report.plot_curves(out / "learning_curves.png", rows, full, cfg.strategies, title)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

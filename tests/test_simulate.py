@@ -173,3 +173,17 @@ def test_budget_larger_than_pool(tmp_path):
     write_dataset(tmp_path / "data", 12, size=16, by_class=True)
     line = _error(tmp_path, tmp_path / "data", "--initial", "6", "--rounds", "3", "--batch", "4")
     assert "budget" in line
+
+
+def test_report_only_rebuilds_summary_and_plot(finished_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("rounds.csv", "full_data.csv"):
+        shutil.copy(finished_run / name, copy / name)
+    code = simulate.main(["--report-only", "--out", str(copy), "--strategies", "random,coreset"])
+    assert code == 0
+    text = (copy / "summary.md").read_text()
+    assert "| labels | random | coreset |" in text
+    assert (copy / "learning_curves.png").read_bytes().startswith(b"\x89PNG")

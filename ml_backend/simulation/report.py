@@ -36,7 +36,7 @@ def write_full_csv(path: Path, full: Mapping[int, float], n_pool: Mapping[int, i
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["seed", "n_labels", "accuracy"])
-        for seed, accuracy in sorted(full.items()):
+        for seed, accuracy in sorted(full.items()):  # only the seeds finished so far
             writer.writerow([seed, n_pool[seed], round(accuracy, 6)])
 
 
