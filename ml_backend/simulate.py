@@ -93,6 +93,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="repeats with different splits, initial sets and weights (default: 3)",
     )
     add(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds run are first-seed .. first-seed+seeds-1; lets a long experiment be split "
+        "over several runs whose CSVs are concatenated (default: 0)",
+    )
+    add(
         "--test-fraction",
         type=_fraction,
         default=0.25,
@@ -216,7 +223,8 @@ def _simulate(args: argparse.Namespace) -> None:
         device=str(device), pretrained=args.pretrained, shortlist_factor=args.shortlist_factor,
         measure=args.uncertainty,
     )  # fmt: skip
-    splits = [make_split(data, cfg, seed) for seed in range(cfg.seeds)]  # fails fast on budget
+    seeds = range(args.first_seed, args.first_seed + cfg.seeds)
+    splits = [make_split(data, cfg, seed) for seed in seeds]  # fails fast on budget
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     logger.info(
