@@ -49,6 +49,16 @@ def ours(x, labeled, k, device) -> tuple[np.ndarray, float]:
     return picks, time.perf_counter() - start
 
 
+def cpu_gflops() -> float:
+    """Current float32 matmul throughput: on a shared machine, says how busy it was."""
+    a, b = torch.randn(256, 512), torch.randn(512, 50_000)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(5):
+        torch.mm(a, b)
+    return 5 * 2 * 256 * 512 * 50_000 / (time.perf_counter() - start) / 1e9
+
+
 def data(n: int, d: int, labeled: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, d), dtype=np.float32)
@@ -72,7 +82,7 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__} ({torch.get_num_threads()} threads), load average "
-        f"{os.getloadavg()[0]:.1f}"
+        f"{os.getloadavg()[0]:.1f}, CPU float32 matmul now {cpu_gflops():.0f} GFLOP/s"
         + (f", GPU {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else "")
     )
     warm, _ = data(2000, args.d, 5, 1)  # first-call costs (thread pools, CUDA context) excluded
