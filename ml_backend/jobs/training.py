@@ -174,7 +174,7 @@ def train_project(
 
     probs, embeddings = _predict_pool(model, pool, settings, device, status, project_id, clock)
     t0 = time.monotonic()
-    ranking = _rank(settings, pool, probs, embeddings)
+    ranking = _rank(settings, pool, probs, embeddings, device)
     clock.lap("rank", t0)
     predicted = [pool.label_names[i] for i in probs.argmax(axis=1)]
     version = store.next_version(project_id)
@@ -222,16 +222,7 @@ def _cold_start(
         )
     _, embeddings = _predict_pool(model, pool, settings, device, status, project_id, clock)
     t0 = time.monotonic()
-    ranking = rank(
-        "coreset",
-        probs=None,
-        embeddings=embeddings,
-        labeled_mask=pool.labeled_mask,
-        batch=settings.queue_batch,
-        shortlist_factor=settings.shortlist_factor,
-        measure=settings.uncertainty,
-        seed=settings.seed,
-    )
+    ranking = _rank(settings, pool, None, embeddings, device, strategy="coreset")
     clock.lap("rank", t0)
     version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     items = build_predictions(
@@ -280,9 +271,9 @@ def _predict_pool(model, pool, settings, device, status, project_id, clock):
     return probs, embeddings
 
 
-def _rank(settings, pool, probs, embeddings):
+def _rank(settings, pool, probs, embeddings, device, strategy=None):
     return rank(
-        settings.strategy,
+        strategy or settings.strategy,
         probs=probs,
         embeddings=embeddings,
         labeled_mask=pool.labeled_mask,
@@ -290,6 +281,7 @@ def _rank(settings, pool, probs, embeddings):
         shortlist_factor=settings.shortlist_factor,
         measure=settings.uncertainty,
         seed=settings.seed,
+        device=device,
     )
 
 
