@@ -17,6 +17,7 @@ import re
 
 import numpy as np
 
+from ml_backend.errors import BackendError
 from ml_backend.labelstudio.labels import LabelSpec, choice_result
 
 log = logging.getLogger(__name__)
@@ -110,3 +111,31 @@ def publish(client, project_id: int, items: list[dict], version: str, keep: int)
         "predictions_sent": len(items),
         "versions_deleted": deleted,
     }
+
+
+META_KEY = "active_learning"
+
+
+def explain_in_tasks(client, version: str, top: list[dict]) -> int:
+    """Write why each top-of-queue task is there into its ``meta`` (visible in Label Studio).
+
+    The entry names the version, so a task that has since dropped out of the top is recognisable.
+    Best effort: the queue is already live, so a failure here is logged, never raised.
+    """
+    written = 0
+    for entry in top:
+        meta = {
+            META_KEY: {
+                "model_version": version,
+                **{k: v for k, v in entry.items() if k != "task_id"},
+            }
+        }
+        try:
+            client.update_task_meta(entry["task_id"], meta)
+        except BackendError as exc:
+            log.warning(
+                "could not write the queue explanation into task %s: %s", entry["task_id"], exc
+            )
+            break
+        written += 1
+    return written

@@ -22,7 +22,13 @@ import numpy as np
 
 from ml_backend.config import Settings
 from ml_backend.jobs.pool import Pool, build_pool
-from ml_backend.jobs.publish import COLD_START_PREFIX, build_predictions, publish, queue_scores
+from ml_backend.jobs.publish import (
+    COLD_START_PREFIX,
+    build_predictions,
+    explain_in_tasks,
+    publish,
+    queue_scores,
+)
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.inference import predict
@@ -294,6 +300,7 @@ def _push(client, project_id, items, version, settings, path, status, clock, met
         if path is not None:  # the version never went live: do not leave it to be served
             shutil.rmtree(path, ignore_errors=True)
         raise
+    metrics["explained_tasks"] = explain_in_tasks(client, version, metrics.get("queue_top") or [])
     clock.lap("push", t0)
 
 

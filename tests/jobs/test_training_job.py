@@ -47,6 +47,7 @@ class FakeLabelStudio:
         self.tasks = tasks
         self.calls = []
         self.predictions = {}
+        self.meta = {}
         self.fail_import = False
 
     def label_spec(self, pid):
@@ -65,6 +66,9 @@ class FakeLabelStudio:
 
     def activate_version(self, pid, version):
         self.calls.append(("activate", version))
+
+    def update_task_meta(self, task_id, meta):
+        self.meta[task_id] = meta
 
     def ensure_queue_view(self, pid):
         self.calls.append(("view",))
@@ -176,6 +180,9 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     assert correct > 0.6, f"accuracy on unlabeled tasks {correct:.2f} is not above chance (0.33)"
     queue = sorted(unlabeled, key=lambda t: preds[t]["score"])
     assert queue[0] == out["metrics"]["queue_top"][0]["task_id"]
+    explained = client.meta[queue[0]]["active_learning"]  # the "why" is visible in Label Studio too
+    assert explained["rank"] == 1 and explained["model_version"] == "resnet18-v1"
+    assert 0 <= explained["uncertainty"] <= 1 and explained["distance"] >= 0
     assert all(
         preds[100 + i]["score"] == 1.0 for i in range(60)
     )  # labeled tasks are out of the queue
