@@ -14,6 +14,20 @@ from e2e_support import Stack, backend_env, new_project, spread_labels
 from ml_backend.demo_project import LabelStudioAPI
 from ml_backend.local_services import BackendProcesses, LabelStudioServer, RedisProcess, tail
 
+# The loop tests read the project as each step leaves it (cold start, then trained): run them
+# first, in file order; the browser and PAT tests after them.
+MODULE_ORDER = ("test_loop.py", "test_browser.py", "test_pat.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def key(item):
+        name = item.path.name
+        if item.path.parent != Path(__file__).parent or name not in MODULE_ORDER:
+            return -1  # everything outside tests/e2e keeps its place, before the e2e tests
+        return MODULE_ORDER.index(name)
+
+    items.sort(key=key)  # stable: order inside a module is kept
+
 
 @pytest.fixture(scope="session")
 def e2e_dir(tmp_path_factory) -> Path:

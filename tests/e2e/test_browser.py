@@ -49,7 +49,7 @@ def browser_page(tmp_path):
 
 
 def test_label_all_tasks_shows_the_predicted_choice_selected(stack, trained_project, browser_page):
-    project, _, _, status = trained_project
+    project = trained_project[0]
     version = stack.api.project(project)["model_version"]
     page, ls = browser_page, stack.ls
 
@@ -71,11 +71,14 @@ def test_label_all_tasks_shows_the_predicted_choice_selected(stack, trained_proj
     page.wait_for_timeout(1000)  # let the image finish drawing for the screenshot
     page.screenshot(path=str(ARTIFACTS / "e2e-label-all-tasks.png"))
 
-    # The task the page serves is the one locked to this user: /next/ answers it again.
-    served = stack.api.next_task(project)
-    assert re.search(rf"#{served['id']}\b", page.inner_text("body")), "the page shows another task"
-    predictions = [p for p in served["predictions"] if p["model_version"] == version]
-    assert predictions, f"task {served['id']} has no prediction of {version}"
+    # The task the page shows (its id is in the footer, above "1 of 1"), read back via the API.
+    text = page.inner_text("body")
+    shown_id = re.search(r"#?\s*(\d+)\s*\n\s*\d+ of \d+", text)
+    assert shown_id, f"no task id on the labeling page: {text[-300:]!r}"
+    task = stack.api.call("GET", f"/api/tasks/{shown_id.group(1)}/")
+    assert not task["annotations"], "Label All Tasks served an annotated task"
+    predictions = [p for p in task["predictions"] if p["model_version"] == version]
+    assert predictions, f"task {task['id']} has no prediction of {version}"
     predicted = predictions[0]["result"][0]["value"]["choices"][0]
     assert checked.count() == 1
     shown = re.sub(r"\[\d+\]$", "", checked.first.inner_text().strip()).strip()
