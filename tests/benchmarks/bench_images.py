@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[2])]
+sys.path[:0] = [str(Path(__file__).parents[1] / "labelstudio"), str(Path(__file__).parents[2])]
 from conftest import FakeLS  # noqa: E402
 
 from ml_backend.config import Settings  # noqa: E402
