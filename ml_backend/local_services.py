@@ -122,7 +122,7 @@ class LabelStudioServer:
         self.process: subprocess.Popen | None = None
 
     def environment(self) -> dict[str, str]:
-        """The environment Label Studio runs with (see docs/parts/e2e.md for why each is set)."""
+        """The environment Label Studio runs with (see docs/e2e.md for why each is set)."""
         return child_environment(
             LABEL_STUDIO_BASE_DATA_DIR=str(self.base_dir / "data"),
             LABEL_STUDIO_USERNAME=self.username,

@@ -26,7 +26,9 @@ def _sky(rng: np.random.Generator, size: int, top: tuple, bottom: tuple) -> Imag
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
 
 
-def _clouds(draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n: int, grey: int) -> None:
+def _clouds(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, size: int, n: int, grey: int
+) -> None:
     for _ in range(n):
         cx, cy = rng.uniform(0, size, 2)
         w, h = rng.uniform(0.15, 0.45) * size, rng.uniform(0.06, 0.18) * size

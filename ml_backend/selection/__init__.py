@@ -1,6 +1,6 @@
 """Acquisition: uncertainty scores, greedy k-center and the queue-ordering strategies.
 
-Pure numpy/torch, no I/O. See ``strategies.py`` for the formulas and ``docs/parts/selection.md``.
+Pure numpy/torch, no I/O. See ``strategies.py`` for the formulas and ``docs/selection.md``.
 """
 
 from ml_backend.selection.kcenter import KCenterResult, k_center_greedy, k_center_greedy_details
