@@ -19,7 +19,8 @@ run: venv
 
 # pytest exits 5 when it collected nothing; make turns that (like any failure) into an error.
 test: venv
-	if [ -f scripts/install_chromium.sh ]; then bash scripts/install_chromium.sh; fi
+	bash scripts/install_chromium.sh
+	bash scripts/install_label_studio.sh
 	$(PY) -m pytest -q || { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests" >&2; exit $$status; }
 
 test-fast: venv

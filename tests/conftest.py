@@ -19,6 +19,22 @@ from ml_backend.config import Settings
 from ml_backend.local_services import redis_server_args, wait_for_redis
 
 
+@pytest.fixture(scope="session")
+def missing_real_part():
+    """``missing_real_part(reason)``: skip when Label Studio or Chromium is missing; fail under CI.
+
+    CI installs every real part (`make test`), so a missing one there is a broken install, and a
+    skipped end-to-end test must not let it pass.
+    """
+
+    def missing(reason: str) -> None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: {reason}")
+        pytest.skip(reason)
+
+    return missing
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (127.0.0.1)."""
     with socket.socket() as sock:

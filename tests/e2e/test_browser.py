@@ -29,9 +29,9 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture
-def browser_page(tmp_path):
+def browser_page(tmp_path, missing_real_part):
     if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (bash scripts/install_chromium.sh)")
+        missing_real_part("Debian's chromium is not installed (bash scripts/install_chromium.sh)")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
