@@ -139,3 +139,26 @@ def explain_in_tasks(client, version: str, top: list[dict]) -> int:
             break
         written += 1
     return written
+
+
+def queue_top(ranking, task_ids: np.ndarray, probs, predicted, n: int) -> list[dict]:
+    """Why the top ``n`` of the queue are there: rank, uncertainty, distance to the nearest
+    labeled image (None where not defined, e.g. the first cold-start pick), and with a model the
+    predicted label and its confidence."""
+    top = []
+    for position, row in enumerate(ranking.order[:n].tolist()):
+        entry = {
+            "task_id": int(task_ids[row]),
+            "rank": position + 1,
+            "uncertainty": _finite(ranking.uncertainty[row]),
+            "distance": _finite(ranking.distance[row]),
+        }
+        if probs is not None:
+            entry.update(predicted=predicted[row], confidence=round(float(probs[row].max()), 4))
+        top.append(entry)
+    return top
+
+
+def _finite(value) -> float | None:
+    value = float(value)
+    return round(value, 6) if np.isfinite(value) else None

@@ -14,11 +14,10 @@ predict, store) and ``selection`` (ranking). One run:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
-
-import numpy as np
 
 from ml_backend.config import Settings
 from ml_backend.jobs.pool import Pool, build_pool
@@ -28,6 +27,7 @@ from ml_backend.jobs.publish import (
     explain_in_tasks,
     publish,
     queue_scores,
+    queue_top,
 )
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
@@ -51,12 +51,29 @@ def effective_settings(settings: Settings, params: dict | None) -> Settings:
     return settings.with_overrides(**overrides) if overrides else settings
 
 
-class _Stopwatch:
-    def __init__(self):
-        self.timings: dict[str, float] = {}
+@dataclasses.dataclass
+class _Run:
+    """What one job run carries from step to step: where it reports, and its timings."""
 
-    def lap(self, name: str, started: float) -> None:
-        self.timings[f"{name}_s"] = round(time.monotonic() - started, 3)
+    project_id: int
+    reason: str
+    settings: Settings
+    device: object
+    client: object
+    status: object | None
+    timings: dict = dataclasses.field(default_factory=dict)
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    def progress(self, **fields) -> None:
+        if self.status is not None:
+            self.status.progress(self.project_id, **fields)
+
+    def lap(self, name: str, since: float) -> None:
+        self.timings[f"{name}_s"] = round(time.monotonic() - since, 3)
+
+    def record_weights(self, source: str) -> None:
+        if self.status is not None:  # /health shows whether ImageNet weights were available
+            self.status.set_pretrained(source)
 
 
 def train_project(
@@ -82,41 +99,19 @@ def train_project(
     Returns:
         ``{"outcome", "model_version", "metrics"}``; the queue records it in the status store.
     """
-    started = time.monotonic()
-    clock = _Stopwatch()
     params = status.project_params(project_id) if status is not None else {}
     settings = effective_settings(settings, params)
-    device = resolve_device(settings.device)
-    client = client or LabelStudioClient(settings)
-
-    _progress(status, project_id, stage="fetching")
-    t0 = time.monotonic()
-    spec = client.label_spec(project_id)
-    pool = build_pool(
-        client.iter_tasks(project_id), spec, image_cache or ImageCache(settings, client)
-    )
-    clock.lap("fetch", t0)
-    log.info(
-        "project %s: job started (%s): %d tasks with images, %d labeled %s, device %s",
+    run = _Run(
         project_id,
         reason,
-        len(pool.task_ids),
-        pool.n_labeled,
-        pool.class_counts(),
-        device,
+        settings,
+        resolve_device(settings.device),
+        client or LabelStudioClient(settings),
+        status,
     )
+    spec, pool = _fetch(run, image_cache or ImageCache(settings, run.client))
     if len(pool.task_ids) == 0:
-        return _finish(
-            status,
-            project_id,
-            "nothing to do: no task has a usable image",
-            None,
-            {},
-            clock,
-            started,
-        )
-
-    store = ModelStore(settings.model_dir)
+        return _finish(run, "nothing to do: no task has a usable image", None, {})
     why_not = pool.trainable_reason(settings.min_labels)
     if why_not:
         log.info(
@@ -124,208 +119,107 @@ def train_project(
             project_id,
             why_not,
         )
-        return _cold_start(
-            project_id, why_not, pool, spec, client, settings, device, status, clock, started
-        )
+        return _cold_start(run, spec, pool, why_not)
+    return _retrain(run, spec, pool)
 
-    previous = store.latest(project_id)
-    retrain = not (
-        previous is not None
-        and previous.labels == pool.label_names
-        and previous.metrics.get("fingerprint") == pool.fingerprint()
-        and reason not in FORCE_REASONS
+
+def _fetch(run: _Run, image_cache):
+    run.progress(stage="fetching")
+    t0 = time.monotonic()
+    spec = run.client.label_spec(run.project_id)
+    pool = build_pool(run.client.iter_tasks(run.project_id), spec, image_cache)
+    run.lap("fetch", t0)
+    log.info(
+        "project %s: job started (%s): %d tasks with images, %d labeled %s, device %s",
+        run.project_id,
+        run.reason,
+        len(pool.task_ids),
+        pool.n_labeled,
+        pool.class_counts(),
+        run.device,
     )
-    if previous is not None and previous.labels == pool.label_names:
-        model, _ = store.load(project_id, previous.version, device="cpu")
+    return spec, pool
+
+
+def _retrain(run: _Run, spec, pool: Pool) -> dict:
+    store = ModelStore(run.settings.model_dir)
+    previous = store.latest(run.project_id)
+    same_labels = previous is not None and previous.labels == pool.label_names
+    retrain = not (
+        same_labels
+        and previous.metrics.get("fingerprint") == pool.fingerprint()
+        and run.reason not in FORCE_REASONS
+    )
+    if same_labels:
+        model, _ = store.load(run.project_id, previous.version, device="cpu")
         source = f"warm start from {previous.version}"
     else:
-        model, source = build_model(len(pool.label_names), settings.pretrained, log=log)
-        _record_weights(status, source)
+        model, source = build_model(len(pool.label_names), run.settings.pretrained, log=log)
+        run.record_weights(source)
     metrics: dict = {
         "weights": source,
         "labels_used": pool.n_labeled,
         "class_counts": pool.class_counts(),
     }
-
     t0 = time.monotonic()
     if retrain:
-        labeled = pool.labeled_mask
-        epochs = settings.epochs or default_epochs(pool.n_labeled)
-        _progress(status, project_id, stage="training", epochs=epochs)
-        result = fit(
-            model,
-            pool.images[labeled],
-            pool.labels[labeled],
-            epochs=epochs,
-            batch_size=settings.batch_size,
-            lr=settings.learning_rate,
-            val_fraction=settings.val_fraction,
-            seed=settings.seed,
-            device=device,
-            log=log,
-            progress=lambda info: _progress(status, project_id, stage="training", **info),
-        )
-        metrics.update(_fit_metrics(result))
+        metrics.update(_fit(run, model, pool))
     else:
         log.info(
             "project %s: labeled set unchanged since %s; re-ranking without retraining",
-            project_id,
+            run.project_id,
             previous.version,
         )
         metrics.update(
             {k: previous.metrics.get(k) for k in ("val_accuracy", "val_size", "train_size")}
         )
         metrics["retrained"] = False
-    clock.lap("train", t0)
+    run.lap("train", t0)
 
-    probs, embeddings = _predict_pool(model, pool, settings, device, status, project_id, clock)
-    t0 = time.monotonic()
-    ranking = _rank(settings, pool, probs, embeddings, device)
-    clock.lap("rank", t0)
+    probs, embeddings = _predict_pool(run, model, pool)
+    ranking = _rank(run, pool, probs, embeddings)
     predicted = [pool.label_names[i] for i in probs.argmax(axis=1)]
-    version = store.next_version(project_id)
+    version = store.next_version(run.project_id)
     metrics.update(
         fingerprint=pool.fingerprint(),
         strategy=ranking.strategy,
         pool_size=len(pool.task_ids),
         skipped_tasks=len(pool.skipped),
         ignored_annotations=len(pool.label_problems),
-        device=str(device),
-        queue_top=_queue_top(ranking, pool, probs, predicted, settings.queue_batch),
+        device=str(run.device),
+        queue_top=queue_top(ranking, pool.task_ids, probs, predicted, run.settings.queue_batch),
     )
     path = store.save(
-        project_id,
+        run.project_id,
         version,
         model,
         pool.label_names,
         metrics,
-        clock.timings,
-        extra={"image_size": settings.image_size},
+        run.timings,
+        extra={"image_size": run.settings.image_size},
     )
-    items = build_predictions(
-        pool.task_ids,
-        queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask),
-        version,
-        spec,
-        predicted,
-    )
-    _push(client, project_id, items, version, settings, path, status, clock, metrics)
-    store.prune(project_id, settings.keep_versions)
-    outcome = "trained" if retrain else "re-ranked (labels unchanged)"
-    return _finish(status, project_id, outcome, version, metrics, clock, started)
+    _push(run, _predictions(pool, ranking, version, spec, predicted), version, path, metrics)
+    store.prune(run.project_id, run.settings.keep_versions)
+    return _finish(run, "trained" if retrain else "re-ranked (labels unchanged)", version, metrics)
 
 
-def _cold_start(
-    project_id, why_not, pool: Pool, spec, client, settings, device, status, clock, started
-):
-    model, source = build_model(len(pool.label_names), settings.pretrained, log=log)
-    _record_weights(status, source)
-    if source not in ("imagenet",) and not source.startswith("file:"):
-        log.warning(
-            "project %s: cold-start embeddings come from %s; the diversity order is rough",
-            project_id,
-            source,
-        )
-    _, embeddings = _predict_pool(model, pool, settings, device, status, project_id, clock)
-    t0 = time.monotonic()
-    ranking = _rank(settings, pool, None, embeddings, device, strategy="coreset")
-    clock.lap("rank", t0)
-    version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
-    items = build_predictions(
-        pool.task_ids,
-        queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask),
-        version,
-        spec,
-        None,
-    )
-    metrics = {
-        "weights": source,
-        "labels_used": pool.n_labeled,
-        "class_counts": pool.class_counts(),
-        "not_trained_because": why_not,
-        "strategy": ranking.strategy,
-        "pool_size": len(pool.task_ids),
-        "skipped_tasks": len(pool.skipped),
-        "device": str(device),
-        "queue_top": _queue_top(ranking, pool, None, None, settings.queue_batch),
-    }
-    _push(client, project_id, items, version, settings, None, status, clock, metrics)
-    return _finish(status, project_id, f"cold start ({why_not})", version, metrics, clock, started)
-
-
-def _predict_pool(model, pool, settings, device, status, project_id, clock):
-    t0 = time.monotonic()
-    _progress(status, project_id, stage="predicting", total=len(pool.task_ids))
-    probs, embeddings = predict(
+def _fit(run: _Run, model, pool: Pool) -> dict:
+    settings, labeled = run.settings, pool.labeled_mask
+    epochs = settings.epochs or default_epochs(pool.n_labeled)
+    run.progress(stage="training", epochs=epochs)
+    result = fit(
         model,
-        pool.images,
-        device=device,
-        batch_size=settings.inference_batch_size,
-        progress=lambda done, total: _progress(
-            status, project_id, stage="predicting", done=done, total=total
-        ),
-    )
-    clock.lap("predict", t0)
-    seconds = clock.timings["predict_s"]
-    log.info(
-        "project %s: predicted %d images in %.1f s (%.0f images/s)",
-        project_id,
-        len(pool.task_ids),
-        seconds,
-        len(pool.task_ids) / max(seconds, 1e-9),
-    )
-    return probs, embeddings
-
-
-def _rank(settings, pool, probs, embeddings, device, strategy=None):
-    return rank(
-        strategy or settings.strategy,
-        probs=probs,
-        embeddings=embeddings,
-        labeled_mask=pool.labeled_mask,
-        batch=settings.queue_batch,
-        shortlist_factor=settings.shortlist_factor,
-        measure=settings.uncertainty,
+        pool.images[labeled],
+        pool.labels[labeled],
+        epochs=epochs,
+        batch_size=settings.batch_size,
+        lr=settings.learning_rate,
+        val_fraction=settings.val_fraction,
         seed=settings.seed,
-        device=device,
+        device=run.device,
+        log=log,
+        progress=lambda info: run.progress(stage="training", **info),
     )
-
-
-def _push(client, project_id, items, version, settings, path, status, clock, metrics):
-    t0 = time.monotonic()
-    _progress(status, project_id, stage="pushing", total=len(items))
-    try:
-        metrics.update(publish(client, project_id, items, version, settings.keep_versions))
-    except Exception:
-        if path is not None:  # the version never went live: do not leave it to be served
-            shutil.rmtree(path, ignore_errors=True)
-        raise
-    metrics["explained_tasks"] = explain_in_tasks(client, version, metrics.get("queue_top") or [])
-    clock.lap("push", t0)
-
-
-def _queue_top(ranking, pool: Pool, probs, predicted, n: int) -> list[dict]:
-    """Why the top of the queue is there: rank, uncertainty, distance to the nearest labeled image."""
-    top = []
-    for position, row in enumerate(ranking.order[:n].tolist()):
-        entry = {
-            "task_id": int(pool.task_ids[row]),
-            "rank": position + 1,
-            "uncertainty": _finite(ranking.uncertainty[row]),
-            "distance": _finite(ranking.distance[row]),
-        }
-        if probs is not None:
-            entry.update(predicted=predicted[row], confidence=round(float(probs[row].max()), 4))
-        top.append(entry)
-    return top
-
-
-def _finite(value) -> float | None:
-    value = float(value)
-    return round(value, 6) if np.isfinite(value) else None
-
-
-def _fit_metrics(result) -> dict:
     last = result.history[-1] if result.history else {}
     return {
         "val_accuracy": result.val_accuracy,
@@ -339,27 +233,106 @@ def _fit_metrics(result) -> dict:
     }
 
 
-def _record_weights(status, source: str) -> None:
-    if status is not None:  # /health shows whether ImageNet weights were available
-        status.set_pretrained(source)
+def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
+    model, source = build_model(len(pool.label_names), run.settings.pretrained, log=log)
+    run.record_weights(source)
+    if source != "imagenet" and not source.startswith("file:"):
+        log.warning(
+            "project %s: cold-start embeddings come from %s; the diversity order is rough",
+            run.project_id,
+            source,
+        )
+    _, embeddings = _predict_pool(run, model, pool)
+    ranking = _rank(run, pool, None, embeddings, strategy="coreset")
+    version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    metrics = {
+        "weights": source,
+        "labels_used": pool.n_labeled,
+        "class_counts": pool.class_counts(),
+        "not_trained_because": why_not,
+        "strategy": ranking.strategy,
+        "pool_size": len(pool.task_ids),
+        "skipped_tasks": len(pool.skipped),
+        "device": str(run.device),
+        "queue_top": queue_top(ranking, pool.task_ids, None, None, run.settings.queue_batch),
+    }
+    _push(run, _predictions(pool, ranking, version, spec, None), version, None, metrics)
+    return _finish(run, f"cold start ({why_not})", version, metrics)
 
 
-def _progress(status, project_id, **fields) -> None:
-    if status is not None:
-        status.progress(project_id, **fields)
+def _predict_pool(run: _Run, model, pool: Pool):
+    t0 = time.monotonic()
+    run.progress(stage="predicting", total=len(pool.task_ids))
+    probs, embeddings = predict(
+        model,
+        pool.images,
+        device=run.device,
+        batch_size=run.settings.inference_batch_size,
+        progress=lambda done, total: run.progress(stage="predicting", done=done, total=total),
+    )
+    run.lap("predict", t0)
+    seconds = run.timings["predict_s"]
+    log.info(
+        "project %s: predicted %d images in %.1f s (%.0f images/s)",
+        run.project_id,
+        len(pool.task_ids),
+        seconds,
+        len(pool.task_ids) / max(seconds, 1e-9),
+    )
+    return probs, embeddings
 
 
-def _finish(status, project_id, outcome, version, metrics, clock, started) -> dict:
-    clock.timings["total_s"] = round(time.monotonic() - started, 3)
-    if status is not None and metrics.get("queue_top") is not None:
-        status.queue_top(project_id, metrics["queue_top"])
-    metrics = {**metrics, "timings": clock.timings}
+def _rank(run: _Run, pool: Pool, probs, embeddings, strategy=None):
+    t0 = time.monotonic()
+    settings = run.settings
+    ranking = rank(
+        strategy or settings.strategy,
+        probs=probs,
+        embeddings=embeddings,
+        labeled_mask=pool.labeled_mask,
+        batch=settings.queue_batch,
+        shortlist_factor=settings.shortlist_factor,
+        measure=settings.uncertainty,
+        seed=settings.seed,
+        device=run.device,
+    )
+    run.lap("rank", t0)
+    return ranking
+
+
+def _predictions(pool: Pool, ranking, version: str, spec, predicted) -> list[dict]:
+    scores = queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask)
+    return build_predictions(pool.task_ids, scores, version, spec, predicted)
+
+
+def _push(run: _Run, items: list[dict], version: str, path, metrics: dict) -> None:
+    t0 = time.monotonic()
+    run.progress(stage="pushing", total=len(items))
+    try:
+        metrics.update(
+            publish(run.client, run.project_id, items, version, run.settings.keep_versions)
+        )
+    except Exception:
+        if path is not None:  # the version never went live: do not leave it to be served
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+    metrics["explained_tasks"] = explain_in_tasks(
+        run.client, version, metrics.get("queue_top") or []
+    )
+    run.lap("push", t0)
+
+
+def _finish(run: _Run, outcome: str, version: str | None, metrics: dict) -> dict:
+    run.timings["total_s"] = round(time.monotonic() - run.started, 3)
+    if run.status is not None and metrics.get("queue_top") is not None:
+        run.status.queue_top(run.project_id, metrics["queue_top"])
+    metrics = {**metrics, "timings": run.timings}
     log.info(
         "project %s: job done in %.1f s: %s%s; timings %s",
-        project_id,
-        clock.timings["total_s"],
+        run.project_id,
+        run.timings["total_s"],
         outcome,
         f", now serving {version}" if version else "",
-        clock.timings,
+        run.timings,
     )
     return {"outcome": outcome, "model_version": version, "metrics": metrics}
