@@ -204,6 +204,10 @@ class StatusStore:
             "params": self.project_params(project),
         }
 
+    def has_status(self, project: int | str) -> bool:
+        """Whether any job was ever queued, run or recorded for ``project``."""
+        return bool(self.redis.exists(self._status_key(project)))
+
     def projects(self) -> list[int]:
         """Ids of every project with any recorded status or params, ascending."""
         return sorted(int(_text(p)) for p in self.redis.smembers(f"{PREFIX}projects"))

@@ -75,6 +75,9 @@ def _pretrained_setting(value: str) -> str:
 def setup():
     """Cheap and idempotent: store the project's knobs if they changed, report the model version.
 
+    The first call for a project never seen before also enqueues its first job (cold-start
+    ordering or a first retrain), so connecting the backend is enough to get an ordered queue.
+
     The access token in the body is neither stored nor logged (the worker uses
     LABEL_STUDIO_API_KEY)."""
     body = json_body(request)
@@ -85,6 +88,11 @@ def setup():
         if params != status.project_params(project):
             status.set_project_params(project, params)
             log.info("project %s: params set to %s", project, params)
+    if not status.has_status(project):
+        # First contact (the backend was just connected): order the queue now, by diversity or by
+        # a first model if labels exist, instead of waiting for the next annotation or import.
+        outcome = request_training(_redis(), _ext()["settings"], project, "setup")
+        log.info("project %s: connected; first job %s", project, outcome)
     return jsonify({"model_version": status.model_version(project) or UNTRAINED_VERSION})
 
 

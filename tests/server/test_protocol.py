@@ -181,3 +181,15 @@ def test_predict_without_model_returns_empty_results(client, redis_conn):
     )
     assert response.status_code == 200
     assert response.get_json() == {"results": []}
+
+
+def test_first_setup_of_a_project_enqueues_its_first_job_once(client, redis_conn, settings):
+    body = {"project": "8.1718000000", "schema": "<View/>", "hostname": "http://ls"}
+    for _ in range(3):  # Label Studio calls /setup on every list/detail view
+        assert client.post("/setup", json=body).status_code == 200
+    jobs = queued_jobs(redis_conn, settings)
+    assert [job.args[:2] for job in jobs] == [(8, "setup")]
+    # a project the backend already knows, with nothing waiting, is not queued by /setup
+    StatusStore(redis_conn).job_finished(5, "job-0", "trained", {}, "resnet18-v1")
+    client.post("/setup", json={"project": "5.1", "schema": "<View/>"})
+    assert [job.args[0] for job in queued_jobs(redis_conn, settings)] == [8]
