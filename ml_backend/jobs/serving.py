@@ -68,10 +68,14 @@ class Predictor:
             log.info("project %s: loaded %s for /predict on %s", project_id, info.version, device)
         return self._models[key]
 
-    def _image_cache(self) -> ImageCache:
+    def _ls(self) -> LabelStudioClient:
+        """The Label Studio client, made on first need (only /predict needs one)."""
         if self._client is None:
             self._client = LabelStudioClient(self.settings)
-        return ImageCache(self.settings, self._client)
+        return self._client
+
+    def _image_cache(self) -> ImageCache:
+        return ImageCache(self.settings, self._ls())
 
     def predict(
         self, project_id: int, tasks: list[dict], label_config: str | None = None
@@ -126,6 +130,4 @@ class Predictor:
         return results
 
     def _label_spec(self, project_id: int):
-        if self._client is None:
-            self._client = LabelStudioClient(self.settings)
-        return self._client.label_spec(project_id)
+        return self._ls().label_spec(project_id)
