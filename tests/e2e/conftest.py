@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
-from e2e_support import Stack, backend_env, new_project, spread_labels
+from e2e_support import backend_env, new_project, running_stack, spread_labels
 
 from ml_backend.demo_project import LabelStudioAPI
-from ml_backend.local_services import BackendProcesses, LabelStudioServer, RedisProcess, tail
+from ml_backend.local_services import LabelStudioServer, RedisProcess, tail
 
 # The loop tests read the project as each step leaves it (cold start, then trained): run them
 # first, in file order; the browser and PAT tests after them.
@@ -72,15 +72,11 @@ def e2e_redis(e2e_dir):
 def stack(label_studio, ls_api, e2e_redis, e2e_dir):
     """The backend with the admin's legacy token."""
     env = backend_env(label_studio, e2e_redis.url, e2e_dir / "models", label_studio.token)
-    backend = BackendProcesses(env, e2e_dir / "backend-logs")
-    try:
-        backend.start()
-    except Exception as exc:
-        backend.stop()
-        pytest.fail(f"the backend did not start: {exc}\n{backend.logs()}")
-    yield Stack(label_studio, ls_api, backend)
-    backend.stop()
-    print(f"\nbackend logs in {backend.log_dir}; Label Studio log {label_studio.log_path}")
+    with running_stack(
+        label_studio, ls_api, env, e2e_dir / "backend-logs", "the backend"
+    ) as running:
+        yield running
+    print(f"\nbackend logs in {running.backend.log_dir}; Label Studio log {label_studio.log_path}")
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ log tails, so a red test says what the processes were doing.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,24 @@ class Stack:
             return status
 
         return wait_for(check, what, timeout_s, self.logs)
+
+
+@contextlib.contextmanager
+def running_stack(label_studio, api, env: dict, log_dir: Path, what: str) -> Iterator[Stack]:
+    """``serve`` + ``worker`` started as a user would, as a Stack; stopped on exit.
+
+    A backend that does not start fails the test with its logs.
+    """
+    backend = BackendProcesses(env, log_dir)
+    try:
+        backend.start()
+    except Exception as exc:
+        backend.stop()
+        pytest.fail(f"{what} did not start: {exc}\n{backend.logs()}")
+    try:
+        yield Stack(label_studio, api, backend)
+    finally:
+        backend.stop()
 
 
 def backend_env(label_studio, redis_url: str, model_dir: Path, api_key: str) -> dict:

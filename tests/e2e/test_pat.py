@@ -8,9 +8,7 @@ the PAT and carries a small project from cold start to a retrain.
 from __future__ import annotations
 
 import pytest
-from e2e_support import Stack, backend_env, new_project, spread_labels
-
-from ml_backend.local_services import BackendProcesses
+from e2e_support import backend_env, new_project, running_stack, spread_labels
 
 pytestmark = pytest.mark.e2e
 
@@ -25,14 +23,10 @@ def pat_stack(label_studio, ls_api, e2e_redis, e2e_dir):
     assert token.count(".") == 2, "a PAT is a JWT"
     env = backend_env(label_studio, e2e_redis.url, e2e_dir / "models-pat", token)
     env["RQ_QUEUE"] = "ml-backend-pat"  # its own worker picks its own jobs
-    backend = BackendProcesses(env, e2e_dir / "backend-pat-logs")
-    try:
-        backend.start()
-    except Exception as exc:
-        backend.stop()
-        pytest.fail(f"the PAT backend did not start: {exc}\n{backend.logs()}")
-    yield Stack(label_studio, ls_api, backend)
-    backend.stop()
+    with running_stack(
+        label_studio, ls_api, env, e2e_dir / "backend-pat-logs", "the PAT backend"
+    ) as stack:
+        yield stack
 
 
 def test_a_personal_access_token_drives_the_whole_loop(pat_stack):
