@@ -71,7 +71,32 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "diversified: k-center picks the batch among the QUEUE_BATCH x SHORTLIST_FACTOR most "
         "uncertain tasks.",
     ),
-    "KEEP_VERSIONS": ("3", "Model versions (files and Label Studio predictions) kept per project."),
+    "KEEP_VERSIONS": ("3", "Model versions kept on disk per project (the newest ones)."),
+    "QUEUE_DEPTH": (
+        "1000",
+        "Unlabeled tasks that get a prediction (queue position + pre-annotation) per published "
+        "version: the top of the queue. Label Studio serves only tasks with a current-version "
+        "prediction, so keep it above what annotators label between two retrains.",
+    ),
+    "PREDICTION_GRACE": (
+        "86400",
+        "Seconds a superseded version's predictions stay in Label Studio before they are deleted, "
+        "so a task opened with one can still be submitted (Label Studio's task lock lasts 24 h).",
+    ),
+    "JOB_SETTLE_S": (
+        "1.0",
+        "A job waits until this many seconds passed since the project's last webhook before it "
+        "reads the labels, so the webhooks of one submit make one retrain.",
+    ),
+    "JOB_LEASE_S": (
+        "30",
+        "A running job renews a lease this long; a job whose lease ran out (worker killed) is "
+        "recorded as failed and its project retrains again.",
+    ),
+    "RECONCILE_S": (
+        "15",
+        "How often every worker looks for jobs that died or were lost and enqueues their follow-up.",
+    ),
     "MIN_LABELS": ("2", "Labels needed (over at least two classes) before the first retrain."),
     "MAX_REQUEST_BYTES": ("52428800", "Largest request body accepted (bytes); larger gets 413."),
     "IMAGE_FETCH_WORKERS": ("8", "Concurrent image downloads."),
@@ -161,6 +186,11 @@ class Settings:
     queue_batch: int = 20
     shortlist_factor: int = 5
     keep_versions: int = 3
+    queue_depth: int = 1000
+    prediction_grace: float = 86400.0
+    job_settle_s: float = 1.0
+    job_lease_s: int = 30
+    reconcile_s: float = 15.0
     min_labels: int = 2
     max_request_bytes: int = 50 * 1024 * 1024
     image_fetch_workers: int = 8
@@ -212,6 +242,11 @@ class Settings:
             queue_batch=_int("QUEUE_BATCH", get("QUEUE_BATCH"), minimum=1),
             shortlist_factor=_int("SHORTLIST_FACTOR", get("SHORTLIST_FACTOR"), minimum=1),
             keep_versions=_int("KEEP_VERSIONS", get("KEEP_VERSIONS"), minimum=1),
+            queue_depth=_int("QUEUE_DEPTH", get("QUEUE_DEPTH"), minimum=1),
+            prediction_grace=_float("PREDICTION_GRACE", get("PREDICTION_GRACE"), 0.0, 30 * 86400),
+            job_settle_s=_float("JOB_SETTLE_S", get("JOB_SETTLE_S"), 0.0, 30.0),
+            job_lease_s=_int("JOB_LEASE_S", get("JOB_LEASE_S"), minimum=3),
+            reconcile_s=_float("RECONCILE_S", get("RECONCILE_S"), 1.0, 3600.0),
             min_labels=_int("MIN_LABELS", get("MIN_LABELS"), minimum=2),
             max_request_bytes=_int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), minimum=1024),
             image_fetch_workers=_int("IMAGE_FETCH_WORKERS", get("IMAGE_FETCH_WORKERS"), minimum=1),

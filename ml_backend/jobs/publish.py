@@ -1,13 +1,30 @@
-"""Pushing a version's predictions to Label Studio and switching the queue to it.
+"""Pushing a version's predictions to Label Studio, switching the queue to it, and pruning.
 
-Order matters: every prediction of the new version is imported first, and only when they are
-all in is ``project.model_version`` switched, so "Label All Tasks" never sees a half-pushed
-version (tasks without a current-version prediction fall out of its uncertainty sampling).
+Publishing has two parts:
+
+1. **Must succeed** (a failure here leaves the previous version serving; the job fails): import
+   every prediction of the new version, then switch ``project.model_version`` to it, so "Label
+   All Tasks" never sees a half-pushed version (tasks without a current-version prediction fall
+   out of its uncertainty sampling).
+2. **Best effort** (a failure is logged and listed in ``publish_warnings``, and never undoes the
+   published version): the Data Manager queue tab, the "why this task" notes in task ``meta``,
+   and pruning old versions.
+
+The pruning rule (why annotators never lose a submit): an annotation made in the labeling UI
+refers to the prediction its task was opened with (``parent_prediction``), and Label Studio
+refuses the submit, skip or update if that prediction no longer exists. A page can only have
+loaded predictions of a version while it was current, and Label Studio keeps a served task
+locked to its annotator for 24 hours (``TASK_LOCK_TTL``). So a version's predictions are deleted
+only after it has been superseded for ``PREDICTION_GRACE`` seconds (default 24 h), and never the
+version Label Studio currently shows. Each version holds predictions for at most
+``QUEUE_DEPTH`` tasks (the unlabeled top of the queue), so the rows stay bounded by
+``QUEUE_DEPTH x (versions published within PREDICTION_GRACE + 1)``; and a version is published
+only when the labels, the model or the set of tasks changed.
 
 What the prediction ``score`` means: the task's place in the active-learning queue, scaled to
-(0, 1]. Label Studio's uncertainty sampling serves the LOWEST score first, so the task ranked
-first gets ``1 / (n + 1)``, the next ``2 / (n + 1)``, ...; labeled tasks get 1.0. It is not the
-model's confidence (that is in ``/status`` and ``/predict``).
+(0, 1). Label Studio's uncertainty sampling serves the LOWEST score first, so the task ranked
+first gets ``1 / (n + 1)``, the next ``2 / (n + 1)``, ... for the ``n`` tasks pushed. It is not the
+model's confidence (that is in ``/status``, the task meta and ``/predict``).
 """
 
 from __future__ import annotations
@@ -24,15 +41,19 @@ log = logging.getLogger(__name__)
 
 COLD_START_PREFIX = "coldstart-"
 _TRAINED = re.compile(r"^resnet18-v(\d+)$")
+META_KEY = "active_learning"
 
 
-def queue_scores(order: np.ndarray, n_rows: int, labeled_mask: np.ndarray) -> np.ndarray:
-    """Per-row score: rank position in (0, 1) for ranked rows, 1.0 for labeled/unranked rows."""
-    scores = np.ones(n_rows, dtype=np.float64)
-    n = len(order)
-    scores[np.asarray(order, dtype=np.int64)] = (np.arange(n) + 1) / (n + 1)
-    scores[labeled_mask] = 1.0
-    return scores
+def is_ours(version: str) -> bool:
+    """Whether a Label Studio prediction version was made by this backend."""
+    return bool(_TRAINED.match(version)) or version.startswith(COLD_START_PREFIX)
+
+
+def queue_rows(order: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows to push (the first ``depth`` of the queue order) and their scores in (0, 1)."""
+    rows = np.asarray(order, dtype=np.int64)[: max(int(depth), 0)]
+    n = len(rows)
+    return rows, (np.arange(n, dtype=np.float64) + 1) / (n + 1)
 
 
 def build_predictions(
@@ -44,7 +65,7 @@ def build_predictions(
 ) -> list[dict]:
     """One prediction per task. ``predicted`` None (cold start) gives an empty result."""
     items = []
-    for row, task_id in enumerate(task_ids.tolist()):
+    for row, task_id in enumerate(np.asarray(task_ids).tolist()):
         result = [] if predicted is None else choice_result(spec, predicted[row])
         items.append(
             {
@@ -57,30 +78,55 @@ def build_predictions(
     return items
 
 
-def stale_versions(existing: dict[str, int] | list[str], current: str, keep: int) -> list[str]:
-    """Our versions to delete from Label Studio: all but the current and the ``keep`` newest.
+def prunable_versions(
+    existing: dict[str, int],
+    keep: set[str],
+    superseded_since: dict[str, float],
+    now: float,
+    grace: float,
+) -> list[str]:
+    """Our versions whose predictions may go: superseded for at least ``grace`` seconds.
 
-    Cold-start orderings other than the current one are always stale. Versions named by others
-    (a different backend, manual imports) are never touched.
+    Versions in ``keep`` (the new one, the one Label Studio shows) and versions named by others
+    (another backend, manual imports) are never returned; a version without a recorded time is
+    not old enough yet (its clock starts when it is first seen).
     """
-    trained = sorted((int(m.group(1)), name) for name in existing if (m := _TRAINED.match(name)))
-    keep_trained = {name for _, name in trained[-keep:]}
-    stale = []
-    for name in existing:
-        if name == current:
-            continue
-        if name.startswith(COLD_START_PREFIX) or (
-            _TRAINED.match(name) and name not in keep_trained
-        ):
-            stale.append(name)
-    return sorted(stale)
+    return sorted(
+        name
+        for name in existing
+        if is_ours(name)
+        and name not in keep
+        and name in superseded_since
+        and now - superseded_since[name] >= grace
+    )
 
 
-def publish(client, project_id: int, items: list[dict], version: str, keep: int) -> dict:
-    """Import predictions, switch the project to ``version``, then prune old versions.
+def publish(
+    client,
+    project_id: int,
+    items: list[dict],
+    version: str,
+    *,
+    ledger=None,
+    grace: float = 86400.0,
+    explain: list[dict] | None = None,
+) -> dict:
+    """Import predictions and switch the project to ``version``; then the best-effort steps.
 
-    Returns counts for the status/metrics. Raises if Label Studio created none of them (the
-    switch would then empty the queue).
+    Args:
+        client: the LabelStudioClient.
+        project_id: the project.
+        items: the predictions (``build_predictions``).
+        version: their version name.
+        ledger: the StatusStore, which keeps when each version was superseded (None: never prune).
+        grace: PREDICTION_GRACE in seconds.
+        explain: queue-top entries to write into task meta (``queue_top``), or None.
+
+    Returns:
+        counts for the status/metrics (pushed, deleted, rows left, warnings).
+
+    Raises:
+        RuntimeError / BackendError: the must-succeed part failed; the project was not switched.
     """
     created = client.import_predictions(project_id, items)
     if created < len(items):
@@ -97,33 +143,74 @@ def publish(client, project_id: int, items: list[dict], version: str, keep: int)
             "the project was not switched to it"
         )
     log.info("project %s: pushed %d predictions of %s", project_id, created, version)
-    client.activate_version(project_id, version)
+    _switch(client, project_id, version)
+    if ledger is not None:
+        previous = ledger.published(project_id).get("version")
+        if previous and previous != version:
+            ledger.mark_superseded(project_id, [previous], ledger.now())
+    counts: dict = {"predictions_pushed": created, "predictions_sent": len(items)}
+    warnings: list[str] = []
+    for step, run in (
+        ("queue view", lambda: client.ensure_queue_view(project_id)),
+        ("pruning", lambda: counts.update(prune(client, project_id, version, ledger, grace))),
+        ("task notes", lambda: counts.update(explained_tasks=_explain(client, version, explain))),
+    ):
+        try:
+            run()
+        except Exception as exc:  # the version is live: report, never undo
+            log.warning(
+                "project %s: %s failed after publishing %s: %s", project_id, step, version, exc
+            )
+            warnings.append(f"{step}: {type(exc).__name__}: {str(exc)[:200]}")
+    counts["publish_warnings"] = warnings
+    return counts
+
+
+def _switch(client, project_id: int, version: str) -> None:
+    """Switch the project to ``version``; a lost reply is checked against what LS now shows."""
+    try:
+        client.activate_version(project_id, version)
+    except Exception:
+        try:
+            shown = client.project(project_id).get("model_version")
+        except Exception:
+            shown = None
+        if shown != version:
+            raise
+        log.info("project %s: the switch to %s went through despite the error", project_id, version)
     log.info("project %s: switched model_version to %s (uncertainty sampling)", project_id, version)
-    client.ensure_queue_view(project_id)
-    deleted = []
-    for name in stale_versions(client.model_versions(project_id), version, keep):
+
+
+def prune(client, project_id: int, current: str, ledger, grace: float) -> dict:
+    """Delete our versions superseded for ``grace`` seconds; report what is left."""
+    existing = client.model_versions(project_id)
+    ours = [name for name in existing if is_ours(name)]
+    if ledger is None:
+        return {"versions_in_label_studio": len(ours), "versions_deleted": []}
+    shown = client.project(project_id).get("model_version")
+    keep = {current, shown}
+    now = ledger.now()
+    ledger.mark_superseded(project_id, [n for n in ours if n not in keep], now)
+    doomed = prunable_versions(existing, keep, ledger.superseded_since(project_id), now, grace)
+    for name in doomed:
         client.delete_version(project_id, name)
-        deleted.append(name)
-    if deleted:
-        log.info("project %s: deleted old prediction versions %s", project_id, ", ".join(deleted))
+    ledger.forget_versions(project_id, [*doomed, current])
+    if doomed:
+        log.info("project %s: deleted old prediction versions %s", project_id, ", ".join(doomed))
     return {
-        "predictions_pushed": created,
-        "predictions_sent": len(items),
-        "versions_deleted": deleted,
+        "versions_deleted": doomed,
+        "versions_in_label_studio": len(ours) - len(doomed),
+        "prediction_rows": sum(existing[n] for n in ours if n not in doomed),
     }
 
 
-META_KEY = "active_learning"
-
-
-def explain_in_tasks(client, version: str, top: list[dict]) -> int:
+def _explain(client, version: str, top: list[dict] | None) -> int:
     """Write why each top-of-queue task is there into its ``meta`` (visible in Label Studio).
 
     The entry names the version, so a task that has since dropped out of the top is recognisable.
-    Best effort: the queue is already live, so a failure here is logged, never raised.
     """
     written = 0
-    for entry in top:
+    for entry in top or []:
         meta = {
             META_KEY: {
                 "model_version": version,

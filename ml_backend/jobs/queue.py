@@ -1,126 +1,46 @@
-"""Training requests with per-project coalescing on RQ.
+"""Training requests with per-project coalescing on RQ, and the RQ job that wraps a training run.
 
 Rules (per project): at most one training job runs and at most one waits.
 
 - No job waiting or running: enqueue one (``"enqueued"``).
 - One waiting: do nothing; it reads every label when it starts (``"already_waiting"``).
-- One running, none waiting: mark the project dirty (``"marked_dirty"``); when the running job
+- One running that has not started reading labels yet: nothing to do, it will see this label
+  (``"covered"``). A job waits ``JOB_SETTLE_S`` after the last webhook before it reads, so the
+  ``ANNOTATION_CREATED`` and ``START_TRAINING`` of one submit make one retrain.
+- One running that already read the labels: mark the project dirty (``"marked_dirty"``); when it
   ends, exactly one follow-up is enqueued.
 
-The markers live in Redis and every transition is one Lua script, so any number of web threads,
-web processes and workers agree. A marker whose RQ job is gone, failed, stopped or canceled, or
-whose worker no longer exists (killed), counts as absent, so a crashed worker never wedges a
-project. The running marker also expires ``job_timeout + 120`` s after it was set.
+A running job holds a lease its heartbeat renews (``ml_backend.jobs.lease``); a job whose worker
+was killed loses it within ``JOB_LEASE_S`` and counts as gone: the next webhook, or the reconciler
+every worker runs, records it as failed and enqueues its follow-up. The markers and their scripts
+live in ``ml_backend.jobs.markers``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from rq import Queue, get_current_job
-from rq.job import Job
-from rq.worker import Worker
 
 from ml_backend.config import Settings
-from ml_backend.jobs.state import StatusStore, project_key
+from ml_backend.jobs.lease import Heartbeat
+from ml_backend.jobs.markers import Markers, job_of
+from ml_backend.jobs.state import StatusStore
 from ml_backend.logs import redact
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET = "ml_backend.jobs.training:train_project"
-MARKER_PREFIX = "mlb:queue:"
-# A waiting marker may briefly name a job RQ has not stored yet (the enqueue follows the script).
-ENQUEUE_GRACE_S = 30
-
-# Shared by both scripts: is the job a marker names still alive?
-_ALIVE = """
-local function alive(marker, live_states)
-  if not marker then return false end
-  local sep = string.find(marker, '|', 1, true)
-  local job_id = string.sub(marker, 1, sep - 1)
-  local since = tonumber(string.sub(marker, sep + 1))
-  local job_key = ARGV[1] .. job_id
-  local status = redis.call('HGET', job_key, 'status')
-  if not status then
-    local now = redis.call('TIME')
-    return (tonumber(now[1]) - since) < tonumber(ARGV[2])
-  end
-  if not live_states[status] then return false end
-  local worker = redis.call('HGET', job_key, 'worker_name')
-  if status == 'started' and worker and worker ~= '' then
-    return redis.call('EXISTS', ARGV[3] .. worker) == 1
-  end
-  return true
-end
-"""
-
-# KEYS: waiting, running, dirty. ARGV: job prefix, grace, worker prefix, new marker.
-_REQUEST = (
-    _ALIVE
-    + """
-local waiting = redis.call('GET', KEYS[1])
-if alive(waiting, {queued=true, created=true, deferred=true, scheduled=true, started=true}) then
-  return {'already_waiting', waiting}
-end
-redis.call('DEL', KEYS[1])
-local running = redis.call('GET', KEYS[2])
-if alive(running, {started=true, queued=true, created=true}) then
-  redis.call('SET', KEYS[3], '1')
-  return {'marked_dirty', running}
-end
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('SET', KEYS[1], ARGV[4])
-return {'enqueued', ARGV[4], running or ''}
-"""
-)
-
-# KEYS: waiting, running. ARGV: job prefix, grace, worker prefix, my marker, ttl, my job id.
-_START = """
-local waiting = redis.call('GET', KEYS[1])
-if waiting and string.sub(waiting, 1, string.len(ARGV[6]) + 1) == ARGV[6] .. '|' then
-  redis.call('DEL', KEYS[1])
-end
-redis.call('SET', KEYS[2], ARGV[4], 'EX', tonumber(ARGV[5]))
-return 1
-"""
-
-# KEYS: waiting, running, dirty. ARGV: job prefix, grace, worker prefix, follow-up marker, my id.
-_FINISH = (
-    _ALIVE
-    + """
-local running = redis.call('GET', KEYS[2])
-if running and string.sub(running, 1, string.len(ARGV[5]) + 1) == ARGV[5] .. '|' then
-  redis.call('DEL', KEYS[2])
-end
-if redis.call('DEL', KEYS[3]) == 0 then return 'idle' end
-local waiting = redis.call('GET', KEYS[1])
-if alive(waiting, {queued=true, created=true, deferred=true, scheduled=true, started=true}) then
-  return 'already_waiting'
-end
-redis.call('SET', KEYS[1], ARGV[4])
-return 'follow_up'
-"""
-)
+# A job waits at most this long for webhooks to settle before it reads the labels anyway.
+MAX_SETTLE_WAIT_S = 10.0
+KILLED = "the worker running this job stopped before it finished (killed, crashed or lost)"
+LOST = "this queued job was lost before it ran (the enqueue failed or the queue was flushed)"
 
 
-def _keys(project_id) -> tuple[str, str, str]:
-    base = f"{MARKER_PREFIX}{project_key(project_id)}"
-    return f"{base}:waiting", f"{base}:running", f"{base}:dirty"
-
-
-def _common_args() -> list:
-    return [Job.redis_job_namespace_prefix, ENQUEUE_GRACE_S, Worker.redis_worker_namespace_prefix]
-
-
-def _marker(job_id: str) -> str:
-    return f"{job_id}|{int(time.time())}"
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def new_job_id(project_id: int) -> str:
+    return f"train-{int(project_id)}-{uuid.uuid4().hex[:12]}"
 
 
 def rq_queue(redis, settings: Settings) -> Queue:
@@ -128,9 +48,10 @@ def rq_queue(redis, settings: Settings) -> Queue:
     return Queue(settings.rq_queue, connection=redis)
 
 
-def _enqueue(
-    redis, settings: Settings, project_id: int, reason: str, job_id: str, target: str
+def enqueue(
+    redis, settings: Settings, project_id: int, reason: str, job_id: str, target=None
 ) -> None:
+    """Put the job a marker already names on RQ (``target`` None: the training job)."""
     rq_queue(redis, settings).enqueue(
         run_training_job,
         project_id,
@@ -146,7 +67,7 @@ def _enqueue(
 
 
 def request_training(
-    redis, settings: Settings, project_id: int, reason: str, target: str = DEFAULT_TARGET
+    redis, settings: Settings, project_id: int, reason: str, target: Callable | None = None
 ) -> str:
     """Ask for a training job for ``project_id``, coalescing with the ones already there.
 
@@ -155,51 +76,52 @@ def request_training(
         settings: the backend settings (queue name, job timeout).
         project_id: Label Studio project id.
         reason: why (a webhook action, ``"refresh"``, ...); recorded with the job.
-        target: dotted path ``module:function`` of the training function.
+        target: the function the job runs (tests); None runs ``jobs.training.train_project``.
 
     Returns:
-        ``"enqueued"``, ``"already_waiting"`` or ``"marked_dirty"``.
+        ``"enqueued"``, ``"already_waiting"``, ``"covered"`` or ``"marked_dirty"``.
 
     Raises:
         redis.exceptions.RedisError: Redis is unreachable (the web layer answers 503).
     """
     project_id = int(project_id)
-    job_id = f"train-{project_id}-{uuid.uuid4().hex[:12]}"
-    script = redis.register_script(_REQUEST)
-    outcome, _, *stale = script(keys=_keys(project_id), args=[*_common_args(), _marker(job_id)])
-    outcome = _text(outcome)
-    if stale and _text(stale[0]):
-        # A job that was running died with its worker (killed, machine lost): say so.
-        dead_job = _text(stale[0]).split("|")[0]
-        StatusStore(redis).job_failed(
-            project_id,
-            dead_job,
-            "the worker stopped without finishing this job (killed or crashed)",
-        )
-        log.warning("project %s: job %s was interrupted; starting over", project_id, dead_job)
+    job_id = new_job_id(project_id)
+    outcome, _, dead = Markers(redis).request(project_id, job_id, settings.rq_queue)
+    if dead:
+        record_dead_job(redis, project_id, job_of(dead), KILLED)
     if outcome == "enqueued":
-        _enqueue(redis, settings, project_id, reason, job_id, target)
+        enqueue(redis, settings, project_id, reason, job_id, target)
         log.info("project %s: training job %s enqueued (%s)", project_id, job_id, reason)
     else:
         log.debug("project %s: %s (%s)", project_id, outcome, reason)
     return outcome
 
 
+def record_dead_job(redis, project_id: int, job_id: str, why: str) -> None:
+    """Record a job that will never finish as failed, in ``/status`` and the log."""
+    StatusStore(redis).job_failed(project_id, job_id, why)
+    log.warning("project %s: job %s: %s; starting over", project_id, job_id, why)
+
+
 def queue_state(redis, project_id: int) -> dict:
-    """The raw coalescing markers of a project (for ``/status``): job ids and the dirty flag."""
-    waiting, running, dirty = redis.mget(_keys(project_id))
-    return {
-        "waiting_job": _text(waiting).split("|")[0] if waiting else None,
-        "running_job": _text(running).split("|")[0] if running else None,
-        "follow_up_requested": bool(dirty),
-    }
+    """The live coalescing state of a project (for ``/status``): the running job (while its lease
+    holds), the waiting job (while RQ holds it) and whether a follow-up is due."""
+    return Markers(redis).read(project_id)
 
 
-def _import_target(target: str):
-    module_name, _, attr = target.partition(":")
-    if not attr:
-        raise ValueError(f"target must look like 'package.module:function', got {target!r}")
-    return getattr(importlib.import_module(module_name), attr)
+def live_status(redis, project_id: int) -> dict:
+    """The project's status with its state taken from the live markers, never from a record a
+    killed job left behind: ``running`` while a job holds its lease, ``waiting`` while one is
+    queued, else ``idle``; progress is shown only while running."""
+    status = StatusStore(redis).project_status(project_id)
+    live = queue_state(redis, project_id)
+    state = "running" if live["running_job"] else "waiting" if live["waiting_job"] else "idle"
+    status.update(state=state, queue=live)
+    if state != "running":
+        status["progress"] = {}
+    if not live["waiting_job"]:
+        status["waiting"] = None
+    return status
 
 
 def _result_fields(result) -> tuple[str, dict, str | None]:
@@ -219,31 +141,74 @@ def use_settings(settings: Settings) -> None:
     _worker_settings = settings
 
 
-def run_training_job(project_id: int, reason: str, target: str = DEFAULT_TARGET):
-    """The RQ job: run ``target`` for the project, keeping the coalescing markers right.
+def _training_target():
+    from ml_backend.jobs.training import train_project  # torch: imported in the worker only
 
-    Moves the project waiting -> running, calls
-    ``target(project_id, reason, settings=..., redis=..., status=StatusStore)``, records the outcome
-    (the target returns ``{"outcome", "metrics", "model_version"}`` or an object with those
-    attributes, or ``None``), and finally marks the project idle and enqueues exactly one follow-up
-    when webhooks arrived during the run. Exceptions are recorded and re-raised, so RQ keeps the
+    return train_project
+
+
+class _Snapshot:
+    """Called by the target right before it reads labels: waits for webhooks to settle, then
+    marks the moment, so webhooks after it (and only those) ask for a follow-up."""
+
+    def __init__(self, markers: Markers, project_id: int, job_id: str, settle_s: float):
+        self.markers, self.project_id, self.job_id, self.settle_s = (
+            markers,
+            project_id,
+            job_id,
+            settle_s,
+        )
+
+    def __call__(self) -> None:
+        deadline = time.monotonic() + MAX_SETTLE_WAIT_S
+        while time.monotonic() < deadline:
+            wait = self.settle_s - self.markers.quiet_for(self.project_id)
+            if wait <= 0:
+                break
+            time.sleep(min(wait, 0.5))
+        if not self.markers.snapshot(self.project_id, self.job_id):
+            log.warning(
+                "project %s: job %s no longer holds the project", self.project_id, self.job_id
+            )
+
+
+def run_training_job(project_id: int, reason: str, target: Callable | None = None):
+    """The RQ job: run the training target for the project, keeping the markers right.
+
+    Takes the project (refusing to run beside another live job of it), holds a lease while it
+    runs, calls ``target(project_id, reason, settings=, redis=, status=, snapshot=)``, records the
+    outcome (``{"outcome", "metrics", "model_version"}`` or an object with those attributes, or
+    ``None``), and finally releases the project, enqueueing exactly one follow-up when webhooks
+    arrived after the labels were read. Exceptions are recorded and re-raised, so RQ keeps the
     failed job (and its traceback) in its FailedJobRegistry.
     """
     job = get_current_job()
-    redis = job.connection
+    redis, project_id = job.connection, int(project_id)
     settings = _worker_settings or Settings.from_env()
-    status = StatusStore(redis)
-    waiting_key, running_key, dirty_key = _keys(project_id)
-    ttl = int(settings.job_timeout) + 120
-    redis.register_script(_START)(
-        keys=[waiting_key, running_key],
-        args=[*_common_args(), _marker(job.id), ttl, job.id],
-    )
+    status, markers = StatusStore(redis), Markers(redis)
+    queue_name = job.origin or settings.rq_queue
+    started, previous = markers.start(project_id, job.id, queue_name, settings.job_lease_s)
+    if started == "busy":
+        log.warning(
+            "project %s: job %s not run: job %s of the project is still running; it will follow",
+            project_id,
+            job.id,
+            job_of(previous),
+        )
+        return {"outcome": "deferred: another job of this project was running", "metrics": {}}
+    if previous:
+        record_dead_job(redis, project_id, job_of(previous), KILLED)
     status.job_started(project_id, job.id, reason)
     log.info("project %s: job %s started (%s)", project_id, job.id, reason)
+    heartbeat = Heartbeat(markers, project_id, job.id, queue_name, settings.job_lease_s).start()
     try:
-        result = _import_target(target)(
-            project_id, reason, settings=settings, redis=redis, status=status
+        result = (target or _training_target())(
+            project_id,
+            reason,
+            settings=settings,
+            redis=redis,
+            status=status,
+            snapshot=_Snapshot(markers, project_id, job.id, settings.job_settle_s),
         )
         outcome, metrics, version = _result_fields(result)
         status.job_finished(project_id, job.id, outcome, metrics, version)
@@ -254,13 +219,8 @@ def run_training_job(project_id: int, reason: str, target: str = DEFAULT_TARGET)
         log.error("project %s: job %s failed: %s", project_id, job.id, type(exc).__name__)
         raise
     finally:
-        follow_id = f"train-{int(project_id)}-{uuid.uuid4().hex[:12]}"
-        outcome = _text(
-            redis.register_script(_FINISH)(
-                keys=[waiting_key, running_key, dirty_key],
-                args=[*_common_args(), _marker(follow_id), job.id],
-            )
-        )
-        if outcome == "follow_up":
-            _enqueue(redis, settings, int(project_id), "follow-up", follow_id, target)
+        heartbeat.stop()
+        follow_id = new_job_id(project_id)
+        if markers.finish(project_id, job.id, queue_name, follow_id) == "follow_up":
+            enqueue(redis, settings, project_id, "follow-up", follow_id, target)
             log.info("project %s: follow-up job %s enqueued", project_id, follow_id)

@@ -9,6 +9,8 @@ of workers) see the same picture:
 - ``mlb:history:<project>``   list of finished/failed jobs, newest first, capped
 - ``mlb:params:<project>``    JSON object of per-project knobs from Label Studio's extra_params
 - ``mlb:queue_top:<project>`` JSON list explaining the top of the labeling queue
+- ``mlb:versions:<project>``  hash: Label Studio prediction version -> when it stopped being
+                              current (the grace clock of its predictions)
 - ``mlb:pretrained``          where the worker's initial weights came from
 """
 
@@ -212,10 +214,6 @@ class StatusStore:
         """Ids of every project with any recorded status or params, ascending."""
         return sorted(int(_text(p)) for p in self.redis.smembers(f"{PREFIX}projects"))
 
-    def all_status(self) -> dict:
-        """``{"<project>": project_status(project)}`` for every known project."""
-        return {str(p): self.project_status(p) for p in self.projects()}
-
     def history(self, project: int | str, n: int = 10) -> list[dict]:
         """The last ``n`` finished or failed jobs of ``project``, newest first."""
         rows = self.redis.lrange(self._history_key(project), 0, max(n, 1) - 1)
@@ -246,6 +244,42 @@ class StatusStore:
     def read_queue_top(self, project: int | str) -> list[dict]:
         """The list stored by ``queue_top`` (``[]`` when none)."""
         return _loads(self.redis.get(self._queue_top_key(project)), []) or []
+
+    # -- what is published in Label Studio ------------------------------------------------------
+    def now(self) -> float:
+        """Redis's clock (seconds): the one every host agrees on."""
+        sec, usec = self.redis.time()
+        return sec + usec / 1e6
+
+    def set_published(self, project: int | str, published: dict) -> None:
+        """Record what the project serves now: ``version``, ``queue_key``, ``model_key``, ``at``."""
+        self.redis.hset(self._status_key(project), "published", _dumps(published))
+
+    def published(self, project: int | str) -> dict:
+        """What ``set_published`` recorded last (``{}`` before the first publish)."""
+        return _loads(self.redis.hget(self._status_key(project), "published"), {}) or {}
+
+    def _versions_key(self, project) -> str:
+        return f"{PREFIX}versions:{project_key(project)}"
+
+    def superseded_since(self, project: int | str) -> dict[str, float]:
+        """``{version: when it stopped being current}`` for the project's older versions."""
+        raw = self.redis.hgetall(self._versions_key(project))
+        return {_text(k): float(_text(v)) for k, v in raw.items()}
+
+    def mark_superseded(self, project: int | str, versions, at: float) -> None:
+        """Start the grace clock of ``versions`` at ``at`` (a clock already running is kept)."""
+        key = self._versions_key(project)
+        pipe = self.redis.pipeline()
+        for version in versions:
+            pipe.hsetnx(key, version, repr(float(at)))
+        pipe.execute()
+
+    def forget_versions(self, project: int | str, versions) -> None:
+        """Drop the clocks of versions that are current again or deleted."""
+        versions = list(versions)
+        if versions:
+            self.redis.hdel(self._versions_key(project), *versions)
 
     def set_pretrained(self, source: str) -> None:
         """Record where the worker's initial weights came from (``build_model``'s string)."""

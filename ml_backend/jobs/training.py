@@ -3,18 +3,25 @@
 Orchestration only; the work lives in ``labelstudio`` (tasks, images), ``model`` (train,
 predict, store) and ``selection`` (ranking). One run:
 
-1. read every task of the project and the label set from Label Studio; fetch images (cached);
+1. wait for the project's webhooks to settle, then read every task and the label set from Label
+   Studio; fetch images (cached);
 2. with at least two labeled classes: fine-tune ResNet18 (warm start from the previous version
-   when the label set is unchanged; no retrain when the labeled set is unchanged since it);
-   otherwise: cold start, ordering the pool by k-center over backbone embeddings;
-3. predict the whole pool (probabilities + embeddings), rank the unlabeled tasks;
-4. write the version atomically, push one prediction per task, switch the project to it,
-   delete old versions' predictions. A failure anywhere leaves the previous version serving.
+   when the label set is unchanged; no retrain when the labeled set and the training knobs are
+   those of the previous version); otherwise: cold start, ordering the pool by k-center over
+   backbone embeddings;
+3. nothing changed since the published version (same model, same tasks, same knobs): stop here,
+   no new version;
+4. predict the whole pool (probabilities + embeddings), rank the unlabeled tasks;
+5. write the version atomically, push a prediction for each of the top ``QUEUE_DEPTH`` unlabeled
+   tasks, switch the project to it (``publish``). A failure before the switch leaves the previous
+   version serving; after it, the new version stays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -24,9 +31,8 @@ from ml_backend.jobs.pool import Pool, build_pool
 from ml_backend.jobs.publish import (
     COLD_START_PREFIX,
     build_predictions,
-    explain_in_tasks,
     publish,
-    queue_scores,
+    queue_rows,
     queue_top,
 )
 from ml_backend.labelstudio.client import LabelStudioClient
@@ -41,14 +47,42 @@ log = logging.getLogger(__name__)
 
 # Per-project knobs (from /setup extra_params) that may override the deployment's settings.
 PROJECT_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "epochs")
-# Reasons that ask for a retrain even when the labeled set has not changed.
-FORCE_REASONS = ("START_TRAINING", "train", "refresh")
+# Reasons that ask for a retrain even when the labeled set has not changed (`refresh` command).
+# Label Studio's START_TRAINING is not one: with "train on every annotation" it comes with each
+# submit, and a model trained on exactly these labels is already there.
+FORCE_REASONS = ("refresh",)
+# Settings a model depends on / a published queue depends on (besides the labels and tasks).
+MODEL_KNOBS = ("epochs", "image_size", "batch_size", "learning_rate", "val_fraction", "seed",
+               "pretrained")  # fmt: skip
+QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "queue_depth", "seed")
 
 
 def effective_settings(settings: Settings, params: dict | None) -> Settings:
     """The deployment's settings with the project's own knobs applied."""
     overrides = {k: v for k, v in (params or {}).items() if k in PROJECT_KNOBS}
     return settings.with_overrides(**overrides) if overrides else settings
+
+
+def _key(*parts) -> str:
+    """A short stable hash of JSON-able parts (what a model or a published queue was made from)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_key(pool: Pool, settings: Settings) -> str:
+    """Same key, same model: the labeled set, the label list and the training knobs."""
+    return _key(pool.fingerprint(), {k: getattr(settings, k) for k in MODEL_KNOBS})
+
+
+def queue_key(basis: str, pool: Pool, settings: Settings) -> str:
+    """Same key, same published queue: the model (or cold start) it was ranked with, the pool's
+    tasks and labels, and the ranking knobs."""
+    return _key(
+        basis,
+        pool.fingerprint(),
+        hashlib.sha256(pool.task_ids.astype("int64").tobytes()).hexdigest(),
+        {k: getattr(settings, k) for k in QUEUE_KNOBS},
+    )
 
 
 @dataclasses.dataclass
@@ -61,6 +95,7 @@ class _Run:
     device: object
     client: object
     status: object | None
+    snapshot: object = None
     timings: dict = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.monotonic)
 
@@ -75,6 +110,14 @@ class _Run:
         if self.status is not None:  # /health shows whether ImageNet weights were available
             self.status.set_pretrained(source)
 
+    def published(self) -> dict:
+        """What the project serves now, as the last publish recorded it."""
+        return self.status.published(self.project_id) if self.status is not None else {}
+
+    def unchanged(self, key: str) -> bool:
+        """Whether a queue with this key is what Label Studio already serves."""
+        return self.reason not in FORCE_REASONS and self.published().get("queue_key") == key
+
 
 def train_project(
     project_id: int,
@@ -83,6 +126,7 @@ def train_project(
     settings: Settings,
     redis=None,
     status=None,
+    snapshot=None,
     client=None,
     image_cache=None,
 ) -> dict:
@@ -93,7 +137,10 @@ def train_project(
         reason: what triggered the job (webhook action, ``train``, ``refresh``).
         settings: the deployment's settings (per-project knobs from the status store apply on top).
         redis: unused here; the queue passes it for symmetry with other targets.
-        status: the StatusStore for progress and the queue explanation, or None.
+        status: the StatusStore for progress, the queue explanation and what is published, or
+            None.
+        snapshot: called right before the labels are read (the queue waits for webhooks to
+            settle there and marks the moment), or None.
         client, image_cache: injected in tests; built from ``settings`` otherwise.
 
     Returns:
@@ -108,6 +155,7 @@ def train_project(
         resolve_device(settings.device),
         client or LabelStudioClient(settings),
         status,
+        snapshot,
     )
     spec, pool = _fetch(run, image_cache or ImageCache(settings, run.client))
     if len(pool.task_ids) == 0:
@@ -127,6 +175,8 @@ def _fetch(run: _Run, image_cache):
     run.progress(stage="fetching")
     t0 = time.monotonic()
     spec = run.client.label_spec(run.project_id)
+    if run.snapshot is not None:
+        run.snapshot()  # labels from here on are in this run; later webhooks get a follow-up
     pool = build_pool(run.client.iter_tasks(run.project_id), spec, image_cache)
     run.lap("fetch", t0)
     log.info(
@@ -145,11 +195,17 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     store = ModelStore(run.settings.model_dir)
     previous = store.latest(run.project_id)
     same_labels = previous is not None and previous.labels == pool.label_names
+    key = model_key(pool, run.settings)
     retrain = not (
-        same_labels
-        and previous.metrics.get("fingerprint") == pool.fingerprint()
-        and run.reason not in FORCE_REASONS
+        same_labels and previous.metrics.get("model_key") == key and run.reason not in FORCE_REASONS
     )
+    if not retrain and run.unchanged(queue_key(previous.version, pool, run.settings)):
+        log.info(
+            "project %s: labels, tasks and model are those of the served %s; nothing to publish",
+            run.project_id,
+            run.published().get("version"),
+        )
+        return _finish(run, "unchanged (labels, tasks and model as published)", None, {})
     if same_labels:
         model, _ = store.load(run.project_id, previous.version, device="cpu")
         source = f"warm start from {previous.version}"
@@ -182,6 +238,8 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     version = store.next_version(run.project_id)
     metrics.update(
         fingerprint=pool.fingerprint(),
+        model_key=key,
+        queue_key=queue_key(version if retrain else previous.version, pool, run.settings),
         strategy=ranking.strategy,
         pool_size=len(pool.task_ids),
         skipped_tasks=len(pool.skipped),
@@ -198,7 +256,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         run.timings,
         extra={"image_size": run.settings.image_size},
     )
-    _push(run, _predictions(pool, ranking, version, spec, predicted), version, path, metrics)
+    _push(run, _predictions(run, pool, ranking, version, spec, predicted), version, path, metrics)
     store.prune(run.project_id, run.settings.keep_versions)
     return _finish(run, "trained" if retrain else "re-ranked (labels unchanged)", version, metrics)
 
@@ -234,6 +292,10 @@ def _fit(run: _Run, model, pool: Pool) -> dict:
 
 
 def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
+    key = queue_key(f"{COLD_START_PREFIX}{run.settings.pretrained}", pool, run.settings)
+    if run.unchanged(key):
+        log.info("project %s: cold-start order unchanged; nothing to publish", run.project_id)
+        return _finish(run, "unchanged (cold-start order as published)", None, {})
     model, source = build_model(len(pool.label_names), run.settings.pretrained, log=log)
     run.record_weights(source)
     if source != "imagenet" and not source.startswith("file:"):
@@ -247,6 +309,7 @@ def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
     version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = {
         "weights": source,
+        "queue_key": key,
         "labels_used": pool.n_labeled,
         "class_counts": pool.class_counts(),
         "not_trained_because": why_not,
@@ -256,7 +319,7 @@ def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
         "device": str(run.device),
         "queue_top": queue_top(ranking, pool.task_ids, None, None, run.settings.queue_batch),
     }
-    _push(run, _predictions(pool, ranking, version, spec, None), version, None, metrics)
+    _push(run, _predictions(run, pool, ranking, version, spec, None), version, None, metrics)
     return _finish(run, f"cold start ({why_not})", version, metrics)
 
 
@@ -300,9 +363,11 @@ def _rank(run: _Run, pool: Pool, probs, embeddings, strategy=None):
     return ranking
 
 
-def _predictions(pool: Pool, ranking, version: str, spec, predicted) -> list[dict]:
-    scores = queue_scores(ranking.order, len(pool.task_ids), pool.labeled_mask)
-    return build_predictions(pool.task_ids, scores, version, spec, predicted)
+def _predictions(run: _Run, pool: Pool, ranking, version: str, spec, predicted) -> list[dict]:
+    """Predictions for the top ``QUEUE_DEPTH`` unlabeled tasks, in queue order."""
+    rows, scores = queue_rows(ranking.order, run.settings.queue_depth)
+    labels = None if predicted is None else [predicted[i] for i in rows.tolist()]
+    return build_predictions(pool.task_ids[rows], scores, version, spec, labels)
 
 
 def _push(run: _Run, items: list[dict], version: str, path, metrics: dict) -> None:
@@ -310,15 +375,30 @@ def _push(run: _Run, items: list[dict], version: str, path, metrics: dict) -> No
     run.progress(stage="pushing", total=len(items))
     try:
         metrics.update(
-            publish(run.client, run.project_id, items, version, run.settings.keep_versions)
+            publish(
+                run.client,
+                run.project_id,
+                items,
+                version,
+                ledger=run.status,
+                grace=run.settings.prediction_grace,
+                explain=metrics.get("queue_top"),
+            )
         )
     except Exception:
         if path is not None:  # the version never went live: do not leave it to be served
             shutil.rmtree(path, ignore_errors=True)
         raise
-    metrics["explained_tasks"] = explain_in_tasks(
-        run.client, version, metrics.get("queue_top") or []
-    )
+    if run.status is not None:
+        run.status.set_published(
+            run.project_id,
+            {
+                "version": version,
+                "queue_key": metrics.get("queue_key"),
+                "model_key": metrics.get("model_key"),
+                "at": run.status.now(),
+            },
+        )
     run.lap("push", t0)
 
 

@@ -3,6 +3,7 @@
 ``SimpleWorker`` does not fork per job: CUDA does not survive a fork, and running in-process keeps
 the model and the CUDA context resident between jobs. SIGTERM/SIGINT ask for a warm stop (the
 current job finishes first); a second signal stops at once (the job is recorded as failed).
+Every worker also runs the reconciler (``jobs.lease``), which retries the jobs of killed workers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rq import SimpleWorker
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError
 from ml_backend.jobs import queue
+from ml_backend.jobs.lease import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,11 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     redis = Redis.from_url(settings.redis_url)
     worker = build_worker(settings, redis)
     log.info("worker %s listening on queue %r", worker.name, settings.rq_queue)
-    worked = worker.work(burst=burst, logging_level=settings.log_level)
+    # Jobs of killed workers (here or on other machines) are recorded and retried from here.
+    reconciler = Reconciler(redis, settings).start()
+    try:
+        worked = worker.work(burst=burst, logging_level=settings.log_level)
+    finally:
+        reconciler.stop()
     log.info("worker %s stopped", worker.name)
     return worked

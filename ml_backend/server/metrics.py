@@ -13,6 +13,7 @@ import re
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from ml_backend.jobs.queue import live_status
 from ml_backend.jobs.state import StatusStore
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,9 @@ class StatusCollector:
             yield up
             return
         try:
-            statuses = StatusStore(self.redis).all_status()
+            statuses = {
+                str(p): live_status(self.redis, p) for p in StatusStore(self.redis).projects()
+            }
         except Exception as exc:  # a scrape must never fail because Redis is down
             log.warning("metrics: cannot read job status from Redis: %s", type(exc).__name__)
             up.add_metric([], 0)

@@ -9,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ml_backend.errors import BadRequest, ModelNotReady, QueueUnavailable
-from ml_backend.jobs.queue import queue_state, request_training
+from ml_backend.jobs.queue import live_status, request_training
 from ml_backend.jobs.state import StatusStore
 from ml_backend.server.payloads import (
     KNOWN_ACTIONS,
@@ -174,7 +174,7 @@ def status_all():
     """Every known project's status with its recent history."""
     redis = _redis()
     store = StatusStore(redis)
-    projects = {key: _with_extras(store, redis, value) for key, value in store.all_status().items()}
+    projects = {str(p): _with_extras(store, redis, p) for p in store.projects()}
     return jsonify({"projects": projects})
 
 
@@ -191,14 +191,12 @@ def status_one(project: str):
                 "connect the backend in Label Studio or POST /train"
             }
         ), 404
-    return jsonify(_with_extras(store, redis, store.project_status(project_id)))
+    return jsonify(_with_extras(store, redis, project_id))
 
 
-def _with_extras(store: StatusStore, redis, status: dict) -> dict:
-    project = status["project"]
+def _with_extras(store: StatusStore, redis, project: int) -> dict:
     return {
-        **status,
-        "queue": queue_state(redis, project),
+        **live_status(redis, project),
         "queue_top": store.read_queue_top(project),
         "history": store.history(project, HISTORY_IN_STATUS),
     }

@@ -1,4 +1,7 @@
-"""Job targets for the queue tests (RQ imports them by dotted path, like the real one)."""
+"""Job targets for the queue tests, with the real target's signature (RQ pickles them by name).
+
+Each calls ``snapshot()`` where the real job starts reading labels from Label Studio.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from ml_backend.jobs.queue import request_training
 RAN_KEY = "test:ran"
 
 
-def record(project_id, reason, *, settings, redis, status):
+def record(project_id, reason, *, settings, redis, status, snapshot=None):
     """Record that it ran, report progress, and return an outcome like the real job does."""
+    if snapshot is not None:
+        snapshot()
     redis.rpush(RAN_KEY, json.dumps({"project": project_id, "reason": reason}))
     status.progress(project_id, stage="training", epoch=1, epochs=1)
     return {
@@ -25,22 +30,25 @@ def record(project_id, reason, *, settings, redis, status):
     }
 
 
-def webhooks_during_run(project_id, reason, *, settings, redis, status):
-    """Like ``record``; the first run also receives 50 webhooks while it runs."""
+def webhooks_during_run(project_id, reason, *, settings, redis, status, snapshot=None):
+    """Like ``record``; the first run also receives 25 webhooks before it reads the labels and
+    25 after."""
     if reason != "follow-up":
-        outcomes = [
-            request_training(redis, settings, project_id, "ANNOTATION_CREATED") for _ in range(50)
-        ]
+        outcomes = [request_training(redis, settings, project_id, "ANNOTATION_CREATED", record)
+                    for _ in range(25)]  # fmt: skip
+        snapshot()
+        outcomes += [request_training(redis, settings, project_id, "ANNOTATION_CREATED", record)
+                     for _ in range(25)]  # fmt: skip
         redis.rpush("test:during", *outcomes)
     return record(project_id, reason, settings=settings, redis=redis, status=status)
 
 
-def fail(project_id, reason, *, settings, redis, status):
+def fail(project_id, reason, *, settings, redis, status, snapshot=None):
     """Fail the way a real job can, with a credential in the message (it must be redacted)."""
     raise RuntimeError("Label Studio said 401 for Authorization: Token abcdef0123456789")
 
 
-def returns_nothing(project_id, reason, *, settings, redis, status):
+def returns_nothing(project_id, reason, *, settings, redis, status, snapshot=None):
     """A target with no return value (outcome ``done``)."""
     redis.rpush(RAN_KEY, json.dumps({"project": project_id, "reason": reason}))
 
@@ -50,11 +58,14 @@ def ran(redis) -> list[dict]:
     return [json.loads(r) for r in redis.lrange(RAN_KEY, 0, -1)]
 
 
-def wait_for_release(project_id, reason, *, settings, redis, status):
-    """Hold the job open until the test sets ``test:release`` (at most 30 s), then record."""
+def wait_for_release(project_id, reason, *, settings, redis, status, snapshot=None):
+    """Read the labels, hold the job open until the test sets ``test:release`` (at most 30 s),
+    then record."""
     import time
 
-    redis.set("test:holding", "1")
+    if snapshot is not None:
+        snapshot()
+    redis.rpush("test:holding", reason)
     deadline = time.monotonic() + 30
     while not redis.exists("test:release") and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,21 +1,22 @@
-"""Score encoding, stale-version choice and the push -> switch -> prune order."""
+"""Score encoding, the grace rule for old versions, and the must-succeed / best-effort split."""
 
 import numpy as np
 import pytest
 
-from ml_backend.jobs.publish import build_predictions, publish, queue_scores, stale_versions
+from ml_backend.jobs.publish import build_predictions, prunable_versions, publish, queue_rows
+from ml_backend.jobs.state import StatusStore
 from ml_backend.labelstudio.labels import parse_config
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="choice" toName="image"><Choice value="A"/><Choice value="B"/></Choices></View>"""
 
 
-def test_queue_scores_follow_rank_and_labeled_rows_go_last():
-    labeled = np.array([False, True, False, False])
-    scores = queue_scores(np.array([3, 0, 2]), 4, labeled)
-    # ranked first -> 1/4, second -> 2/4, third -> 3/4; the labeled row is out of the queue (1.0)
-    assert scores.tolist() == [0.5, 1.0, 0.75, 0.25]
-    assert np.argsort(scores[~labeled]).tolist() == [2, 0, 1]  # rows 3, 0, 2: the ranking order
+def test_queue_rows_push_the_top_of_the_order_with_rising_scores():
+    rows, scores = queue_rows(np.array([3, 0, 2, 5]), depth=3)
+    assert rows.tolist() == [3, 0, 2]
+    assert scores.tolist() == [0.25, 0.5, 0.75]  # Label Studio serves the lowest first
+    rows, scores = queue_rows(np.array([4]), depth=10)
+    assert rows.tolist() == [4] and scores.tolist() == [0.5]
 
 
 def test_build_predictions_cold_start_has_empty_results():
@@ -34,60 +35,114 @@ def test_build_predictions_carry_the_choice():
     assert item["result"][0]["from_name"] == "choice" and item["result"][0]["to_name"] == "image"
 
 
-def test_stale_versions_keeps_current_and_newest_trained_only():
+def test_only_our_versions_superseded_for_the_grace_period_go():
     existing = {
         "resnet18-v1": 5,
         "resnet18-v2": 5,
-        "resnet18-v10": 5,
         "resnet18-v9": 5,
         "coldstart-20260101-000000": 5,
         "someone-else": 3,
     }
-    assert stale_versions(existing, "resnet18-v10", keep=2) == [
+    since = {
+        "resnet18-v1": 0.0,  # superseded long ago
+        "resnet18-v2": 950.0,  # 50 s ago: a page opened with it may still be open
+        "coldstart-20260101-000000": 10.0,
+        "someone-else": 0.0,
+    }
+    keep = {"resnet18-v9"}
+    assert prunable_versions(existing, keep, since, now=1000.0, grace=100.0) == [
         "coldstart-20260101-000000",
         "resnet18-v1",
-        "resnet18-v2",
     ]
-    # the current cold-start ordering is never deleted; nor are other people's versions
-    assert stale_versions({"coldstart-a": 1, "x": 1}, "coldstart-a", keep=1) == []
+    # Never what Label Studio shows, never a version without a clock (not old enough yet).
+    assert prunable_versions(existing, keep | {"resnet18-v1"}, {}, now=1000.0, grace=0.0) == []
 
 
 class RecordingClient:
-    def __init__(self, created=None):
+    def __init__(self, created=None, versions=None):
         self.calls = []
         self.created = created
+        self.versions = versions or {}
+        self.shown = None
+        self.fail_view = False
+        self.lose_switch_reply = False
 
     def import_predictions(self, pid, items):
         self.calls.append(("import", len(items)))
+        self.versions[items[0]["model_version"]] = len(items)
         return len(items) if self.created is None else self.created
 
     def activate_version(self, pid, version):
         self.calls.append(("activate", version))
+        self.shown = version
+        if self.lose_switch_reply:
+            raise TimeoutError("read timed out")
+
+    def project(self, pid):
+        return {"model_version": self.shown}
 
     def ensure_queue_view(self, pid):
         self.calls.append(("view",))
+        if self.fail_view:
+            raise ConnectionError("Label Studio went away")
 
     def model_versions(self, pid):
-        return {"resnet18-v1": 2, "resnet18-v2": 2}
+        return dict(self.versions)
 
     def delete_version(self, pid, version):
         self.calls.append(("delete", version))
+        self.versions.pop(version)
+
+    def update_task_meta(self, task_id, meta):
+        self.calls.append(("meta", task_id))
 
 
-def test_publish_pushes_everything_before_switching_then_prunes():
-    client = RecordingClient()
-    counts = publish(client, 1, [{"task": 1}, {"task": 2}], "resnet18-v2", keep=1)
-    assert client.calls == [
-        ("import", 2),
-        ("activate", "resnet18-v2"),
-        ("view",),
-        ("delete", "resnet18-v1"),
-    ]
-    assert counts["predictions_pushed"] == 2 and counts["versions_deleted"] == ["resnet18-v1"]
+def test_publish_pushes_everything_before_switching(redis_conn):
+    client, ledger = RecordingClient(), StatusStore(redis_conn)
+    counts = publish(client, 1, [{"task": 1, "model_version": "resnet18-v2"}], "resnet18-v2",
+                     ledger=ledger, explain=[{"task_id": 1, "rank": 1}])  # fmt: skip
+    assert client.calls == [("import", 1), ("activate", "resnet18-v2"), ("view",), ("meta", 1)]
+    assert counts["predictions_pushed"] == 1 and counts["publish_warnings"] == []
 
 
-def test_publish_never_switches_when_nothing_was_created():
+def test_the_superseded_version_is_kept_then_pruned_after_the_grace(redis_conn):
+    client, ledger = RecordingClient(), StatusStore(redis_conn)
+    publish(client, 1, [{"task": 1, "model_version": "resnet18-v1"}], "resnet18-v1", ledger=ledger)
+    ledger.set_published(1, {"version": "resnet18-v1"})
+    counts = publish(client, 1, [{"task": 1, "model_version": "resnet18-v2"}], "resnet18-v2",
+                     ledger=ledger, grace=3600)  # fmt: skip
+    assert counts["versions_deleted"] == [] and "resnet18-v1" in client.versions
+    assert "resnet18-v1" in ledger.superseded_since(1)
+    ledger.set_published(1, {"version": "resnet18-v2"})
+    counts = publish(client, 1, [{"task": 2, "model_version": "resnet18-v3"}], "resnet18-v3",
+                     ledger=ledger, grace=0)  # fmt: skip
+    assert counts["versions_deleted"] == ["resnet18-v1", "resnet18-v2"]
+    assert set(client.versions) == {"resnet18-v3"} and ledger.superseded_since(1) == {}
+
+
+def test_publish_never_switches_when_nothing_was_created(redis_conn):
     client = RecordingClient(created=0)
     with pytest.raises(RuntimeError, match="none of the 2 predictions"):
-        publish(client, 1, [{"task": 1}, {"task": 2}], "resnet18-v2", keep=1)
+        publish(client, 1, [{"task": 1, "model_version": "v"}, {"task": 2, "model_version": "v"}],
+                "resnet18-v2", ledger=StatusStore(redis_conn))  # fmt: skip
     assert ("activate", "resnet18-v2") not in client.calls
+
+
+def test_best_effort_failures_are_reported_not_raised(redis_conn):
+    client = RecordingClient()
+    client.fail_view = True
+    counts = publish(client, 1, [{"task": 1, "model_version": "resnet18-v1"}], "resnet18-v1",
+                     ledger=StatusStore(redis_conn))  # fmt: skip
+    assert client.shown == "resnet18-v1"
+    assert counts["publish_warnings"] == ["queue view: ConnectionError: Label Studio went away"]
+
+
+def test_a_lost_switch_reply_is_checked_against_label_studio(redis_conn):
+    client = RecordingClient()
+    client.lose_switch_reply = True  # the PATCH went through, its reply did not
+    publish(client, 1, [{"task": 1, "model_version": "resnet18-v1"}], "resnet18-v1",
+            ledger=StatusStore(redis_conn))  # fmt: skip
+    client.shown = "resnet18-v0"  # ...and one that really failed still raises
+    client.activate_version = lambda pid, version: (_ for _ in ()).throw(TimeoutError("x"))
+    with pytest.raises(TimeoutError):
+        publish(client, 1, [{"task": 1, "model_version": "resnet18-v2"}], "resnet18-v2")

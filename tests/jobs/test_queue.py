@@ -1,18 +1,21 @@
-"""Coalescing per project, against a real Redis and a real RQ SimpleWorker in burst mode."""
+"""Coalescing, leases and the reconciler, against a real Redis and a real RQ SimpleWorker."""
 
 from __future__ import annotations
 
 import threading
+import time
 
 from rq import Queue, SimpleWorker
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.registry import FailedJobRegistry
 
 from ml_backend.jobs import queue as q
+from ml_backend.jobs.lease import Reconciler
+from ml_backend.jobs.markers import LEASE_PREFIX, Keys, Markers
 from ml_backend.jobs.state import StatusStore
 from tests.jobs import fixtures
 
-RECORD = "tests.jobs.fixtures:record"
+RECORD = fixtures.record
 
 
 def work(redis, settings) -> None:
@@ -35,7 +38,7 @@ def test_first_request_enqueues_and_later_ones_coalesce(redis_conn, settings):
     assert len(jobs) == 1
     assert jobs[0].args == (7, "ANNOTATION_CREATED", RECORD)
     assert jobs[0].timeout == settings.job_timeout
-    assert StatusStore(redis_conn).project_status(7)["state"] == "waiting"
+    assert q.live_status(redis_conn, 7)["state"] == "waiting"
 
 
 def test_concurrent_burst_enqueues_exactly_one_job(redis_conn, settings):
@@ -65,10 +68,10 @@ def test_worker_runs_job_and_records_outcome(redis_conn, settings):
     q.request_training(redis_conn, settings, 5, "START_TRAINING", RECORD)
     work(redis_conn, settings)
     assert fixtures.ran(redis_conn) == [{"project": 5, "reason": "START_TRAINING"}]
-    status = StatusStore(redis_conn).project_status(5)
+    status = q.live_status(redis_conn, 5)
     assert status["state"] == "idle"
+    assert status["progress"] == {}, "progress is shown only while a job runs"
     assert status["model_version"] == "resnet18-v3"
-    assert status["progress"]["epoch"] == 1
     last = status["last_job"]
     assert last["outcome"] == "trained"
     assert last["metrics"] == {
@@ -84,21 +87,40 @@ def test_worker_runs_job_and_records_outcome(redis_conn, settings):
         "running_job": None,
         "follow_up_requested": False,
     }
+    assert not redis_conn.keys(f"{LEASE_PREFIX}*"), "the lease is released"
     # Idle again: the next webhook enqueues a new job.
     assert q.request_training(redis_conn, settings, 5, "ANNOTATION_CREATED", RECORD) == "enqueued"
 
 
-def test_webhooks_during_a_run_cause_exactly_one_follow_up(redis_conn, settings):
-    target = "tests.jobs.fixtures:webhooks_during_run"
+def test_webhooks_before_the_labels_are_read_need_no_follow_up(redis_conn, settings):
+    target = fixtures.webhooks_during_run
     assert q.request_training(redis_conn, settings, 9, "ANNOTATION_CREATED", target) == "enqueued"
-    work(redis_conn, settings)
+    work(redis_conn, settings.with_overrides(job_settle_s=0.0))
     during = [o.decode() for o in redis_conn.lrange("test:during", 0, -1)]
-    # The first webhook during the run marks the project dirty and so do the rest (idempotent).
-    assert during == ["marked_dirty"] * 50
+    # Before the job reads the labels it will see them ("covered"); after, exactly one follow-up.
+    assert during == ["covered"] * 25 + ["marked_dirty"] * 25
     assert [r["reason"] for r in fixtures.ran(redis_conn)] == ["ANNOTATION_CREATED", "follow-up"]
     history = StatusStore(redis_conn).history(9, 10)
     assert [h["reason"] for h in history] == ["follow-up", "ANNOTATION_CREATED"]
     assert queued(redis_conn, settings) == []
+
+
+def test_the_job_reads_labels_only_once_webhooks_settle(redis_conn, settings):
+    """ANNOTATION_CREATED and START_TRAINING of one submit arrive ms apart: one job reads both."""
+    markers = Markers(redis_conn)
+    q.request_training(redis_conn, settings, 4, "ANNOTATION_CREATED", RECORD)
+    job = q.queue_state(redis_conn, 4)["waiting_job"]
+    assert markers.start(4, job, settings.rq_queue, 30)[0] == "started"
+    snapshot = q._Snapshot(markers, 4, job, settle_s=0.6)
+    done = threading.Event()
+    threading.Thread(target=lambda: (snapshot(), done.set()), daemon=True).start()
+    time.sleep(0.3)
+    assert q.request_training(redis_conn, settings, 4, "START_TRAINING", RECORD) == "covered"
+    assert not done.wait(0.4), "a webhook 0.3 s ago: the job keeps waiting"
+    assert done.wait(2.0)
+    assert q.request_training(redis_conn, settings, 4, "ANNOTATION_UPDATED", RECORD) == (
+        "marked_dirty"
+    )
 
 
 def test_projects_are_independent(redis_conn, settings):
@@ -114,11 +136,11 @@ def test_projects_are_independent(redis_conn, settings):
 
 
 def test_failed_job_is_kept_by_rq_and_recorded(redis_conn, settings):
-    q.request_training(redis_conn, settings, 4, "START_TRAINING", "tests.jobs.fixtures:fail")
+    q.request_training(redis_conn, settings, 4, "START_TRAINING", fixtures.fail)
     work(redis_conn, settings)
     registry = FailedJobRegistry(settings.rq_queue, connection=redis_conn)
     assert len(registry.get_job_ids()) == 1
-    status = StatusStore(redis_conn).project_status(4)
+    status = q.live_status(redis_conn, 4)
     assert status["state"] == "idle"
     assert status["last_job"]["outcome"] == "failed"
     assert "RuntimeError" in status["last_job"]["error"]
@@ -128,58 +150,106 @@ def test_failed_job_is_kept_by_rq_and_recorded(redis_conn, settings):
 
 
 def test_target_returning_none_is_outcome_done(redis_conn, settings):
-    q.request_training(redis_conn, settings, 6, "refresh", "tests.jobs.fixtures:returns_nothing")
+    q.request_training(redis_conn, settings, 6, "refresh", fixtures.returns_nothing)
     work(redis_conn, settings)
     assert StatusStore(redis_conn).project_status(6)["last_job"]["outcome"] == "done"
 
 
-def _fake_marker(redis_conn, project: int, which: str, job_id: str, since: int = 0) -> None:
-    waiting, running, _ = q._keys(project)
-    redis_conn.set(waiting if which == "waiting" else running, f"{job_id}|{since}")
+def _running(redis_conn, project: int, job_id: str, lease: bool, queue: str) -> None:
+    """A running marker as a started job leaves it, with or without its lease."""
+    redis_conn.set(Keys.of(project).running, f"{job_id}|0|{queue}")
+    if lease:
+        redis_conn.set(f"{LEASE_PREFIX}{job_id}", "1", ex=30)
 
 
-def test_running_marker_of_a_dead_job_does_not_wedge(redis_conn, settings):
-    # The worker died: the marker names a job RQ does not have (or has failed/stopped).
+def test_a_running_job_without_lease_is_dead(redis_conn, settings):
+    # The worker was killed: its lease ran out, whatever RQ still says about the job.
     StatusStore(redis_conn).job_started(8, "train-8-gone", "ANNOTATION_CREATED")
-    _fake_marker(redis_conn, 8, "running", "train-8-gone")
+    _running(redis_conn, 8, "train-8-gone", lease=False, queue=settings.rq_queue)
     assert q.request_training(redis_conn, settings, 8, "ANNOTATION_CREATED", RECORD) == "enqueued"
-    status = StatusStore(redis_conn).project_status(8)
+    status = q.live_status(redis_conn, 8)
     assert status["state"] == "waiting"
     assert status["last_job"]["job_id"] == "train-8-gone"
     assert status["last_job"]["outcome"] == "failed"
-    assert "stopped without finishing" in status["last_job"]["error"]
-
+    assert "stopped before it finished" in status["last_job"]["error"]
+    # While the lease holds, the same marker is a live job.
     redis_conn.flushdb()
-    job = Queue(settings.rq_queue, connection=redis_conn).enqueue(fixtures.record, 8, "x")
-    job.set_status(JobStatus.STOPPED)
-    _fake_marker(redis_conn, 8, "running", job.id)
-    assert q.request_training(redis_conn, settings, 8, "ANNOTATION_CREATED", RECORD) == "enqueued"
+    _running(redis_conn, 8, "train-8-alive", lease=True, queue=settings.rq_queue)
+    assert q.live_status(redis_conn, 8)["state"] == "running"
 
 
-def test_started_job_whose_worker_is_gone_counts_as_not_running(redis_conn, settings):
-    job = Queue(settings.rq_queue, connection=redis_conn).enqueue(fixtures.record, 8, "x")
-    redis_conn.hset(job.key, mapping={"status": "started", "worker_name": "killed-worker"})
-    _fake_marker(redis_conn, 8, "running", job.id)
-    assert q.request_training(redis_conn, settings, 8, "ANNOTATION_CREATED", RECORD) == "enqueued"
-    # ...while a live worker keeps it running: the next request only marks it dirty.
-    redis_conn.flushdb()
-    job = Queue(settings.rq_queue, connection=redis_conn).enqueue(fixtures.record, 8, "x")
-    redis_conn.hset(job.key, mapping={"status": "started", "worker_name": "alive"})
-    redis_conn.set("rq:worker:alive", "1")
-    _fake_marker(redis_conn, 8, "running", job.id)
-    assert q.request_training(redis_conn, settings, 8, "ANNOTATION_CREATED", RECORD) == (
-        "marked_dirty"
+def test_a_second_job_of_a_project_does_not_run_beside_a_live_one(redis_conn, settings):
+    _running(redis_conn, 2, "train-2-live", lease=True, queue=settings.rq_queue)
+    Queue(settings.rq_queue, connection=redis_conn).enqueue(
+        q.run_training_job, 2, "refresh", RECORD, job_id="train-2-second"
     )
+    work(redis_conn, settings)
+    assert fixtures.ran(redis_conn) == [], "refused: the project's other job still holds its lease"
+    assert q.queue_state(redis_conn, 2)["follow_up_requested"], "it runs after the live one"
 
 
 def test_waiting_marker_without_job_counts_only_within_grace(redis_conn, settings):
-    import time
-
+    waiting = Keys.of(2).waiting
     # Just written, the enqueue may still be on its way: treated as waiting.
-    _fake_marker(redis_conn, 2, "waiting", "train-2-inflight", since=int(time.time()))
+    redis_conn.set(waiting, f"train-2-inflight|{time.time():.3f}|{settings.rq_queue}")
     assert q.request_training(redis_conn, settings, 2, "ANNOTATION_CREATED", RECORD) == (
         "already_waiting"
     )
     # Old and still no job: the web process died between the two steps; start over.
-    _fake_marker(redis_conn, 2, "waiting", "train-2-lost", since=0)
+    redis_conn.set(waiting, f"train-2-lost|0|{settings.rq_queue}")
     assert q.request_training(redis_conn, settings, 2, "ANNOTATION_CREATED", RECORD) == "enqueued"
+
+
+def test_reconciler_requeues_a_dead_job_once_across_workers(redis_conn, settings):
+    StatusStore(redis_conn).job_started(11, "train-11-dead", "ANNOTATION_CREATED")
+    Queue(settings.rq_queue, connection=redis_conn).enqueue(
+        q.run_training_job, 11, "ANNOTATION_CREATED", RECORD, job_id="train-11-dead"
+    ).cancel()
+    _running(redis_conn, 11, "train-11-dead", lease=False, queue=settings.rq_queue)
+    results: list[list[dict]] = []
+    reconcilers = [Reconciler(redis_conn, settings) for _ in range(4)]
+    threads = [
+        threading.Thread(target=lambda r=r: results.append(r.run_once())) for r in reconcilers
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(len(r) for r in results) == [0, 0, 0, 1], results
+    (job,) = queued(redis_conn, settings)
+    assert job.args == (11, "recovery", RECORD), "the follow-up runs what the dead job ran"
+    status = q.live_status(redis_conn, 11)
+    assert status["state"] == "waiting"
+    assert status["last_job"]["outcome"] == "failed"
+    work(redis_conn, settings)
+    assert fixtures.ran(redis_conn) == [{"project": 11, "reason": "recovery"}]
+
+
+def test_reconciler_replaces_a_lost_waiting_job(redis_conn, settings):
+    StatusStore(redis_conn).job_queued(12, "train-12-lost", "ANNOTATION_CREATED")
+    redis_conn.set(Keys.of(12).waiting, f"train-12-lost|0|{settings.rq_queue}")
+    assert Reconciler(redis_conn, settings).run_once() == [
+        {"project": 12, "dead": "", "lost": "train-12-lost"}
+    ]
+    (job,) = queued(redis_conn, settings)
+    assert job.args[:2] == (12, "recovery")
+
+
+def test_reconciler_leaves_other_queues_and_live_jobs_alone(redis_conn, settings):
+    StatusStore(redis_conn).job_queued(13, "x", "y")
+    StatusStore(redis_conn).job_queued(14, "x", "y")
+    _running(redis_conn, 13, "train-13-other", lease=False, queue="another-deployment")
+    _running(redis_conn, 14, "train-14-live", lease=True, queue=settings.rq_queue)
+    assert Reconciler(redis_conn, settings).run_once() == []
+    assert queued(redis_conn, settings) == []
+
+
+def test_heartbeat_renews_the_lease_and_restores_a_lost_marker(redis_conn, settings):
+    markers = Markers(redis_conn)
+    assert markers.start(15, "train-15-a", settings.rq_queue, 3)[0] == "started"
+    redis_conn.flushdb()  # Redis restarted without persistence while the job ran
+    assert markers.heartbeat(15, "train-15-a", settings.rq_queue, 3) == "ok"
+    assert q.queue_state(redis_conn, 15)["running_job"] == "train-15-a"
+    assert 0 < redis_conn.ttl(f"{LEASE_PREFIX}train-15-a") <= 3
+    _running(redis_conn, 15, "train-15-b", lease=True, queue=settings.rq_queue)
+    assert markers.heartbeat(15, "train-15-a", settings.rq_queue, 3) == "lost"

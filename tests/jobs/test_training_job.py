@@ -49,6 +49,8 @@ class FakeLabelStudio:
         self.predictions = {}
         self.meta = {}
         self.fail_import = False
+        self.fail_view = False
+        self.shown = None
 
     def label_spec(self, pid):
         return parse_config(CONFIG)
@@ -66,11 +68,17 @@ class FakeLabelStudio:
 
     def activate_version(self, pid, version):
         self.calls.append(("activate", version))
+        self.shown = version
+
+    def project(self, pid):
+        return {"id": pid, "model_version": self.shown}
 
     def update_task_meta(self, task_id, meta):
         self.meta[task_id] = meta
 
     def ensure_queue_view(self, pid):
+        if self.fail_view:
+            raise LabelStudioUnavailable("Label Studio at http://ls is down")
         self.calls.append(("view",))
 
     def model_versions(self, pid):
@@ -140,6 +148,10 @@ def test_cold_start_orders_the_pool_without_preannotations(world, job_settings, 
     version = out["model_version"]
     assert version.startswith("coldstart-")
     assert client.calls[:2] == [("import", version, 150), ("activate", version)]
+    # Nothing changed since: the next job publishes nothing.
+    again = run(job_settings, client, cache, status, reason="START_TRAINING")
+    assert again["outcome"].startswith("unchanged") and again["model_version"] is None
+    assert [c for c in client.calls if c[0] == "import"] == [("import", version, 150)]
     preds = [p for (t, v), p in client.predictions.items() if v == version]
     assert all(p["result"] == [] for p in preds)
     first = min(preds, key=lambda p: p["score"])
@@ -172,8 +184,8 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     assert out["metrics"]["labels_used"] == 60 and out["metrics"]["ignored_annotations"] == 1
     assert [c[0] for c in client.calls[:3]] == ["import", "activate", "view"]
     preds = {t: p for (t, v), p in client.predictions.items() if v == "resnet18-v1"}
-    assert len(preds) == 150  # one prediction on every task
     unlabeled = [100 + i for i in range(60, 150)]
+    assert sorted(preds) == unlabeled  # one prediction on every unlabeled task, none on labeled
     correct = np.mean(
         [preds[t]["result"][0]["value"]["choices"][0] == labels[t - 100] for t in unlabeled]
     )
@@ -183,28 +195,69 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     explained = client.meta[queue[0]]["active_learning"]  # the "why" is visible in Label Studio too
     assert explained["rank"] == 1 and explained["model_version"] == "resnet18-v1"
     assert 0 <= explained["uncertainty"] <= 1 and explained["distance"] >= 0
-    assert all(
-        preds[100 + i]["score"] == 1.0 for i in range(60)
-    )  # labeled tasks are out of the queue
+    assert sorted(p["score"] for p in preds.values()) == [round((i + 1) / 91, 8) for i in range(90)]
     info = ModelStore(job_settings.model_dir).latest(1)
     assert info.version == "resnet18-v1" and info.labels == list(LABELS)
     assert {"fetch_s", "train_s", "predict_s", "push_s"} <= set(out["metrics"]["timings"])
 
 
-def test_unchanged_labels_rerank_and_forced_reasons_retrain(world, job_settings, redis_conn):
+def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks[:140]), StatusStore(redis_conn)
+    assert run(job_settings, client, cache, status)["outcome"] == "trained"
+    # The two webhooks of one submit, a skip, "Start Training" with nothing new: no new version.
+    tasks[35]["annotations"] = [choice(labels[35], cancelled=True)]
+    for reason in ("START_TRAINING", "ANNOTATION_CREATED", "follow-up"):
+        same = run(job_settings, client, cache, status, reason=reason)
+        assert same["outcome"].startswith("unchanged") and same["model_version"] is None
+    assert sum(c[0] == "import" for c in client.calls) == 1
+    # New tasks: re-ranked with the same model under a new version.
+    client.tasks = tasks
+    again = run(job_settings, client, cache, status, reason="TASKS_CREATED")
+    assert again["outcome"] == "re-ranked (labels unchanged)"
+    assert again["model_version"] == "resnet18-v2"
+    # `refresh` forces a retrain; a new label retrains.
+    forced = run(job_settings, client, cache, status, reason="refresh")
+    assert forced["outcome"] == "trained" and forced["model_version"] == "resnet18-v3"
+    assert forced["metrics"]["weights"] == "warm start from resnet18-v2"
+    tasks[40]["annotations"] = [choice(labels[40])]
+    assert run(job_settings, client, cache, status)["model_version"] == "resnet18-v4"
+
+
+def test_old_versions_stay_for_the_grace_period(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    cold = run(job_settings, client, cache, status)["model_version"]
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    run(job_settings, client, cache, status)
+    tasks[40]["annotations"] = [choice(labels[40])]
+    out = run(job_settings, client, cache, status)
+    # A page opened with the cold-start order may still be open: nothing is deleted.
+    assert not [c for c in client.calls if c[0] == "delete"]
+    assert set(client.model_versions(1)) == {cold, "resnet18-v1", "resnet18-v2"}
+    assert out["metrics"]["versions_in_label_studio"] == 3
+    assert out["metrics"]["prediction_rows"] == 150 + 120 + 119
+    # Superseded for longer than PREDICTION_GRACE: deleted at the next publish.
+    tasks[41]["annotations"] = [choice(labels[41])]
+    out = run(job_settings.with_overrides(prediction_grace=0.0), client, cache, status)
+    assert out["metrics"]["versions_deleted"] == [cold, "resnet18-v1", "resnet18-v2"]
+    assert set(client.model_versions(1)) == {"resnet18-v3"}
+
+
+def test_a_failure_after_the_switch_keeps_the_new_version(world, job_settings, redis_conn):
     tasks, labels, cache = world
     for i in range(30):
         tasks[i]["annotations"] = [choice(labels[i])]
     client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
-    assert run(job_settings, client, cache, status)["outcome"] == "trained"
-    again = run(job_settings, client, cache, status, reason="TASKS_CREATED")
-    assert (
-        again["outcome"] == "re-ranked (labels unchanged)"
-        and again["model_version"] == "resnet18-v2"
-    )
-    forced = run(job_settings, client, cache, status, reason="START_TRAINING")
-    assert forced["outcome"] == "trained" and forced["model_version"] == "resnet18-v3"
-    assert forced["metrics"]["weights"] == "warm start from resnet18-v2"
+    client.fail_view = True
+    out = run(job_settings, client, cache, status)
+    assert out["model_version"] == "resnet18-v1" and client.shown == "resnet18-v1"
+    assert out["metrics"]["publish_warnings"][0].startswith("queue view: LabelStudioUnavailable")
+    assert ModelStore(job_settings.model_dir).latest(1).version == "resnet18-v1"
+    assert status.published(1)["version"] == "resnet18-v1"
 
 
 def test_failed_push_leaves_the_previous_version_serving(world, job_settings, redis_conn):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from ml_backend.jobs.markers import Markers
 from ml_backend.jobs.state import StatusStore
 
 
@@ -30,6 +31,7 @@ def test_webhook_counters_latency_and_job_gauges(client, redis_conn):
         4, "j1", "trained", {"val_accuracy": 0.8, "train_size": 16, "val_size": 4}, "resnet18-v7"
     )
     store.job_started(5, "j2", "START_TRAINING")
+    Markers(redis_conn).start(5, "j2", "ml-backend-test", 30)  # running: it holds its lease
 
     found = samples(client)
     counter = "mlb_webhooks_total"
