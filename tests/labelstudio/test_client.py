@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LEGACY_TOKEN, FakeLS
+from ls_fakes import LEGACY_TOKEN, FakeLS
 
 from ml_backend.errors import ConfigError, LabelStudioUnavailable, ProjectNotFound
 from ml_backend.labelstudio.client import LabelStudioClient

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import LEGACY_TOKEN, png_bytes
+from ls_fakes import LEGACY_TOKEN, png_bytes
 from PIL import Image
 
 from ml_backend.errors import ImageError
