@@ -22,6 +22,11 @@ from urllib.parse import parse_qs, urlsplit
 from PIL import Image
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
+# Label Studio's own page-size cap (off by default) in the live server, below the client's 1000
+# per page: every live test reads tasks the way a capped production server serves them.
+LIVE_PAGE_SIZE_MAX = 100
+# Colors of the local files the live Label Studio serves (files/dataset/img<i>.png).
+LIVE_COLORS = [(250, 200, 0), (90, 90, 90), (20, 20, 20), (200, 10, 10), (10, 200, 10)]
 
 
 def png_bytes(color=(200, 30, 30), size=(40, 30), mode="RGB") -> bytes:

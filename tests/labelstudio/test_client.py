@@ -10,7 +10,7 @@ import pytest
 from ls_fakes import LEGACY_TOKEN, FakeLS
 
 from ml_backend.errors import ConfigError, LabelStudioUnavailable, ProjectNotFound
-from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.client import LabelStudioClient, basic_auth_header
 
 PROJECT = {
     "id": 7,
@@ -171,7 +171,9 @@ def test_iter_tasks_survives_a_capped_page_size(fake, settings, caplog):
 
 def test_iter_tasks_without_a_total_stops_at_an_empty_page_or_404(fake, settings):
     tasks, asked = _tasks(25), []
-    fake.routes[("GET", "/api/tasks/")] = _task_pages(tasks, cap=10, report_total=False, asked=asked)
+    fake.routes[("GET", "/api/tasks/")] = _task_pages(
+        tasks, cap=10, report_total=False, asked=asked
+    )
     got = list(client_for(settings, page_size=100).iter_tasks(1))
     assert [t["id"] for t in got] == list(range(1, 26)) and [p for p, _ in asked] == [1, 2, 3, 4]
     fake.routes[("GET", "/api/tasks/")] = lambda h: h.send(200, {"tasks": []})
@@ -204,3 +206,55 @@ def test_import_predictions_counts_and_isolates_rejected_items(fake, settings, c
         created = client_for(settings).import_predictions(1, items, chunk=4)
     assert created == 8
     assert "created 8 of 10" in caplog.text and "task 999" in caplog.text
+
+
+def test_ensure_webhook_auth_sets_the_header_once_and_keeps_the_rest(fake, settings, caplog):
+    header = basic_auth_header("ls", "s3cret")
+    hooks = [
+        {"id": 5, "project": 7, "url": "HTTP://Web:80/webhook/", "headers": {"X-Team": "a"},
+         "actions": ["ANNOTATION_CREATED"], "send_for_all_actions": False},
+        {"id": 6, "project": 7, "url": "http://other-backend:9090/webhook", "headers": {}},
+        {"id": 7, "project": None, "url": "http://web/webhook", "headers": {}},  # organization's
+    ]  # fmt: skip
+    patches = []
+
+    def listing(h):
+        assert h.query["project"] == ["7"]
+        return h.send(200, hooks)
+
+    def patch(h):
+        body = json.loads(h.body)
+        patches.append(body)
+        hooks[0].update(body)
+        return h.send(200, hooks[0])
+
+    fake.routes[("GET", "/api/webhooks/")] = listing
+    fake.routes[("PATCH", "/api/webhooks/5/")] = patch
+    client = client_for(settings)
+    with caplog.at_level(logging.DEBUG):
+        assert client.ensure_webhook_auth(7, "http://web", header) == "set"
+        assert client.ensure_webhook_auth(7, "http://web:80/webhook", header) == "unchanged"
+    assert patches == [
+        {"headers": {"X-Team": "a", "Authorization": header}, "actions": ["ANNOTATION_CREATED"]}
+    ]
+    assert header.split()[1] not in caplog.text and "s3cret" not in caplog.text
+    assert "webhook 5" in caplog.text
+    hooks[0]["headers"] = {"authorization": "Basic stale"}  # another password before: replaced
+    assert client.ensure_webhook_auth(7, "http://web/", header) == "set"
+    assert patches[-1]["headers"] == {"Authorization": header}
+    with caplog.at_level(logging.WARNING):
+        assert client.ensure_webhook_auth(7, "http://nowhere:9090", header) == "missing"
+    assert "no webhook to http://nowhere:9090/webhook" in caplog.text
+    assert len(patches) == 2
+
+
+def test_backend_urls_are_those_that_log_in_as_our_user(fake, settings):
+    fake.routes[("GET", "/api/ml/")] = [
+        (200, [
+            {"id": 1, "url": "http://web:9090", "auth_method": "BASIC_AUTH", "basic_auth_user": "ls"},
+            {"id": 2, "url": "http://open:9090", "auth_method": "NONE", "basic_auth_user": "ls"},
+            {"id": 3, "url": "http://theirs:9090", "auth_method": "BASIC_AUTH", "basic_auth_user": "x"},
+        ])
+    ]  # fmt: skip
+    assert client_for(settings).backend_urls(7, "ls") == ["http://web:9090"]
+    assert api_calls(fake, "/api/ml/")[0][2].endswith("project=7")
