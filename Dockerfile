@@ -32,4 +32,6 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=4)"
 
-CMD ["python", "-m", "ml_backend", "serve", "--host", "0.0.0.0", "--port", "9090"]
+# All interfaces with BASIC_AUTH_USER/BASIC_AUTH_PASS set, loopback only without (unreachable
+# from outside the container, on purpose): `serve` decides and says which at start.
+CMD ["python", "-m", "ml_backend", "serve", "--port", "9090"]

@@ -50,7 +50,12 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
             if name == "run"
             else "the web app under gunicorn",
         )
-        p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+        p.add_argument(
+            "--host",
+            default=None,
+            help="address to listen on (default: 0.0.0.0 with BASIC_AUTH_USER/BASIC_AUTH_PASS "
+            "set, else 127.0.0.1 only)",
+        )
         p.add_argument("--port", type=int, default=9090, help="port (default 9090)")
         p.add_argument("--threads", type=int, default=4, help="web threads (default 4)")
     sub.add_parser("worker", help="the RQ worker that trains")
@@ -157,6 +162,8 @@ def _stop_embedded_redis(server) -> None:
 
 
 def _run(settings: Settings, args) -> int:
+    from ml_backend.server.serve import listen_host
+
     server = None
     redis_url = settings.redis_url
     if not redis_url:
@@ -166,25 +173,23 @@ def _run(settings: Settings, args) -> int:
         print(f"redis: {_hide_password(redis_url)}", flush=True)
     env = child_environment(REDIS_URL=redis_url)
     me = [sys.executable, "-m", "ml_backend"]
+    host_args = ["--host", args.host] if args.host is not None else []  # else serve decides
     children = {
         "web": subprocess.Popen(
-            [
-                *me,
-                "serve",
-                "--host",
-                args.host,
-                "--port",
-                str(args.port),
-                "--threads",
-                str(args.threads),
-            ],
+            [*me, "serve", *host_args, "--port", str(args.port), "--threads", str(args.threads)],
             env=env,
         ),
         "worker": subprocess.Popen([*me, "worker"], env=env),
     }
-    shown = "127.0.0.1" if args.host == "0.0.0.0" else args.host
+    host, note = listen_host(settings, args.host)  # what the web child decides (and logs)
+    shown = "127.0.0.1" if host == "0.0.0.0" else host
+    scope = (
+        " (127.0.0.1 only: BASIC_AUTH_USER/BASIC_AUTH_PASS not set)"
+        if args.host is None and note
+        else ""
+    )
     print(
-        f"web: pid {children['web'].pid}, listening on http://{shown}:{args.port} "
+        f"web: pid {children['web'].pid}, listening on http://{shown}:{args.port}{scope} "
         f"(connect it in Label Studio: Settings > Model > Connect Model)",
         flush=True,
     )

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ml_backend.errors import ConfigError
 
@@ -105,8 +107,73 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "100000000",
         "Images with more pixels are refused (decompression-bomb guard).",
     ),
+    "MAX_IMAGE_BYTES": (
+        "67108864",
+        "Largest image download (bytes); a bigger Content-Length or body is refused. Bounds the "
+        "memory of IMAGE_FETCH_WORKERS concurrent downloads.",
+    ),
+    "IMAGE_HOSTS": (
+        None,
+        "Comma-separated hosts besides Label Studio that task image URLs may point at: "
+        "`images.example.com`, `*.example.com` (any subdomain), `*` (any public host). "
+        "Private, loopback and link-local addresses are refused unless their host is listed by "
+        "name (never by `*`).",
+    ),
     "JOB_TIMEOUT": ("7200", "Seconds a training job may run before RQ stops it."),
     "RQ_QUEUE": ("ml-backend", "Name of the RQ queue (several deployments may share one Redis)."),
+}
+
+
+# (lowest, highest) allowed value of numeric settings where a huge value does harm (memory,
+# O(N^2) ranking, a GPU held until JOB_TIMEOUT). A value outside stops the process with a
+# ConfigError naming the bound; the per-project knobs in PARAM_RULES use the same bounds.
+BOUNDS: dict[str, tuple[int, int]] = {
+    "IMAGE_SIZE": (32, 1024),
+    "EPOCHS": (0, 200),
+    "BATCH_SIZE": (1, 4096),
+    "INFERENCE_BATCH_SIZE": (1, 8192),
+    "QUEUE_BATCH": (1, 1000),
+    "SHORTLIST_FACTOR": (1, 100),
+    "KEEP_VERSIONS": (1, 100),
+    "MAX_REQUEST_BYTES": (1024, 1 << 30),
+    "IMAGE_FETCH_WORKERS": (1, 64),
+    "MAX_IMAGE_PIXELS": (1024, 178_956_970),  # Pillow refuses more than this anyway
+    "MAX_IMAGE_BYTES": (1024, 1 << 30),
+    "JOB_TIMEOUT": (10, 86_400),
+}
+
+
+def _knob_one_of(choices: tuple[str, ...]):
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or value.strip() not in choices:
+            raise ValueError
+        return value.strip()
+
+    return parse, f"one of {', '.join(choices)}"
+
+
+def _knob_whole(setting: str, note: str = ""):
+    low, high = BOUNDS[setting]
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value.strip()) if isinstance(value, str) else int(value)
+        if not low <= number <= high:
+            raise ValueError
+        return number
+
+    return parse, f"a whole number from {low} to {high}{note} (the limit of {setting})"
+
+
+# Per-project knobs (the model's "Extra params" in Label Studio): name -> (parser, what is
+# allowed). Each overrides the setting of the same name in upper case, within its BOUNDS.
+PARAM_RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
+    "strategy": _knob_one_of(STRATEGIES),
+    "uncertainty": _knob_one_of(UNCERTAINTY_MEASURES),
+    "queue_batch": _knob_whole("QUEUE_BATCH"),
+    "shortlist_factor": _knob_whole("SHORTLIST_FACTOR"),
+    "epochs": _knob_whole("EPOCHS", ", 0 = automatic"),
 }
 
 
@@ -161,6 +228,32 @@ def _url(name: str, raw: str, schemes: tuple[str, ...]) -> str:
     return raw.rstrip("/")
 
 
+_HOST_ENTRY = re.compile(
+    r"^(\*|(\*\.)?[a-z0-9_]([a-z0-9_.-]*[a-z0-9_])?|\[[0-9a-f:.]+\]|[0-9a-f:.]+)$"
+)
+
+
+def _hosts(raw: str | None) -> tuple[str, ...]:
+    """IMAGE_HOSTS: lower-cased entries; each a host name, ``*.domain``, ``*`` or an IP."""
+    if not raw:
+        return ()
+    entries = tuple(e.strip().lower().rstrip(".") for e in raw.split(",") if e.strip())
+    for entry in entries:
+        if not _HOST_ENTRY.match(entry) or "://" in entry or "/" in entry:
+            raise ConfigError(
+                f"IMAGE_HOSTS entries must be host names, *.domain or *, without scheme, port "
+                f"or path; got {entry!r}"
+            )
+    return tuple(e.strip("[]") for e in entries)  # urlsplit's hostname has no brackets
+
+
+def _check_bounds(settings: Settings) -> None:
+    for name, (low, high) in BOUNDS.items():
+        value = getattr(settings, name.lower())
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting of the backend. Build it with ``Settings.from_env()``; tests pass their own."""
@@ -196,6 +289,8 @@ class Settings:
     image_fetch_workers: int = 8
     image_fetch_timeout: float = 30.0
     max_image_pixels: int = 100_000_000
+    max_image_bytes: int = 64 << 20
+    image_hosts: tuple[str, ...] = ()
     job_timeout: int = 7200
     rq_queue: str = "ml-backend"
 
@@ -216,7 +311,7 @@ class Settings:
                 "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or neither)"
             )
         redis_url = get("REDIS_URL")
-        return cls(
+        settings = cls(
             label_studio_url=_url("LABEL_STUDIO_URL", get("LABEL_STUDIO_URL"), ("http", "https")),
             label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
             redis_url=_url("REDIS_URL", redis_url, ("redis", "rediss", "unix"))
@@ -254,9 +349,13 @@ class Settings:
                 "IMAGE_FETCH_TIMEOUT", get("IMAGE_FETCH_TIMEOUT"), 0.1, 3600
             ),
             max_image_pixels=_int("MAX_IMAGE_PIXELS", get("MAX_IMAGE_PIXELS"), minimum=1024),
+            max_image_bytes=_int("MAX_IMAGE_BYTES", get("MAX_IMAGE_BYTES"), minimum=1024),
+            image_hosts=_hosts(get("IMAGE_HOSTS")),
             job_timeout=_int("JOB_TIMEOUT", get("JOB_TIMEOUT"), minimum=10),
             rq_queue=get("RQ_QUEUE"),
         )
+        _check_bounds(settings)
+        return settings
 
     def with_overrides(self, **changes) -> Settings:
         """A copy with some fields changed (per-project knobs, tests)."""
@@ -282,5 +381,7 @@ def settings_markdown() -> str:
     rows = ["| Variable | Default | What it does |", "|---|---|---|"]
     for name, (default, text) in SETTINGS_DOC.items():
         shown = f"`{default}`" if default is not None else "(unset)"
+        if name in BOUNDS:
+            text += " Allowed: {} to {}.".format(*BOUNDS[name])
         rows.append(f"| `{name}` | {shown} | {text.replace('|', '/')} |")
     return "\n".join(rows) + "\n"

@@ -145,3 +145,82 @@ def test_delegated_commands_show_their_help_or_say_they_are_missing(tmp_path, co
     else:
         assert result.returncode == 2
         assert f"`{command}` is not available" in result.stderr
+
+
+def _serve_until_listening(args: list[str], env: dict) -> tuple[str, str]:
+    """Start ``serve``, wait for gunicorn's "Listening at", stop it; returns (address, stderr)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ml_backend", "serve", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            found = re.search(r"Listening at: http://(\S+)", line)
+            if found:
+                return found.group(1), "".join(lines)
+        raise AssertionError("serve did not start listening:\n" + "".join(lines))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize(
+    ("extra_env", "args", "address", "said"),
+    [
+        ({}, [], "127.0.0.1", "listening on 127.0.0.1 only: BASIC_AUTH_USER and BASIC_AUTH_PASS"),
+        ({}, ["--host", "0.0.0.0"], "0.0.0.0", "WARNING"),
+        ({"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw-1"}, [], "0.0.0.0", None),
+        ({"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw-1"}, ["--host", "127.0.0.1"], "127.0.0.1", None),
+    ],
+)  # fmt: skip
+def test_serve_listens_on_loopback_unless_credentials_are_set(
+    tmp_path, redis_url, extra_env, args, address, said
+):
+    port = free_port()
+    env = cli_env(tmp_path, REDIS_URL=redis_url, **extra_env)
+    bound, stderr = _serve_until_listening([*args, "--port", str(port)], env)
+    assert bound == f"{address}:{port}"
+    if said is None:
+        assert "BASIC_AUTH" not in stderr, stderr
+    else:
+        assert said in stderr, stderr
+    if said == "WARNING":
+        assert "without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who reaches this port" in stderr
+    assert "pw-1" not in stderr
+
+
+def test_run_says_it_listens_on_loopback_only_without_credentials(tmp_path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ml_backend", "run", "--port", str(port)],
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        text = "".join(process.stdout.readline() for _ in range(3))
+        assert (
+            f"listening on http://127.0.0.1:{port} (127.0.0.1 only: BASIC_AUTH_USER/BASIC_AUTH_PASS "
+            "not set)" in text
+        ), text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from ml_backend.config import SETTINGS_DOC, Settings, child_environment, settings_markdown
+from ml_backend.config import (
+    BOUNDS,
+    PARAM_RULES,
+    SETTINGS_DOC,
+    Settings,
+    child_environment,
+    settings_markdown,
+)
 from ml_backend.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +87,60 @@ def test_docs_list_every_setting():
     for doc in (ROOT / "README.md", ROOT / "docs" / "service.md"):
         missing = [name for name in SETTINGS_DOC if f"`{name}`" not in doc.read_text()]
         assert not missing, f"{doc.name} does not document {missing}; paste settings_markdown()"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"QUEUE_BATCH": "100000000"}, "QUEUE_BATCH must be between 1 and 1000, got 100000000"),
+        ({"EPOCHS": "1000000"}, "EPOCHS must be between 0 and 200, got 1000000"),
+        ({"IMAGE_SIZE": "4096"}, "IMAGE_SIZE must be between 32 and 1024"),
+        ({"IMAGE_FETCH_WORKERS": "1000"}, "IMAGE_FETCH_WORKERS must be between 1 and 64"),
+        ({"MAX_IMAGE_BYTES": str(2 << 30)}, "MAX_IMAGE_BYTES must be between 1024 and"),
+        ({"MAX_IMAGE_BYTES": "10"}, "MAX_IMAGE_BYTES must be at least 1024"),
+        ({"JOB_TIMEOUT": "1000000"}, "JOB_TIMEOUT must be between 10 and 86400"),
+        ({"IMAGE_HOSTS": "http://x.org"}, "IMAGE_HOSTS entries must be host names"),
+        ({"IMAGE_HOSTS": "x.org:8080"}, "IMAGE_HOSTS entries must be host names"),
+        ({"IMAGE_HOSTS": "x.org/img"}, "IMAGE_HOSTS entries must be host names"),
+    ],
+)
+def test_values_over_their_bound_name_the_bound(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_every_bound_is_accepted_at_its_ends_and_refused_past_them():
+    for name, (low, high) in BOUNDS.items():
+        for ok in (low, high):
+            assert getattr(Settings.from_env({name: str(ok)}), name.lower()) == ok
+        for bad in (low - 1, high + 1):
+            with pytest.raises(ConfigError, match=name):
+                Settings.from_env({name: str(bad)})
+        default = int(SETTINGS_DOC[name][0])
+        assert low <= default <= high, f"{name}'s default is outside its bounds"
+
+
+def test_knobs_share_the_bounds_of_their_settings():
+    for knob in ("queue_batch", "shortlist_factor", "epochs"):
+        parse, allowed = PARAM_RULES[knob]
+        low, high = BOUNDS[knob.upper()]
+        assert parse(str(high)) == high and parse(low) == low
+        assert f"from {low} to {high}" in allowed
+        for bad in (low - 1, high + 1, True, 1.5, "x"):
+            with pytest.raises((ValueError, TypeError)):
+                parse(bad)
+
+
+def test_image_hosts_and_byte_cap_are_parsed():
+    settings = Settings.from_env(
+        {"IMAGE_HOSTS": " Images.Example.com, *.cdn.example.org,*,10.0.0.5 ,[fd00::1],,"}
+    )
+    assert settings.image_hosts == (
+        "images.example.com",
+        "*.cdn.example.org",
+        "*",
+        "10.0.0.5",
+        "fd00::1",
+    )
+    assert Settings.from_env({}).image_hosts == () and Settings().max_image_bytes == 64 << 20
+    assert "Allowed: 1 to 1000." in settings_markdown()

@@ -45,7 +45,8 @@ def test_compose_has_every_service_with_a_healthcheck(compose):
 def test_backend_services_run_real_cli_commands(compose):
     services = compose["services"]
     assert services["web"]["command"][:4] == ["python", "-m", "ml_backend", "serve"]
-    assert services["web"]["ports"] == ["9090:9090"]
+    assert "--host" not in services["web"]["command"]  # the address follows the credentials
+    assert services["web"]["ports"] == ["${WEB_PORT_BIND:-127.0.0.1}:9090:9090"]
     for name in ("worker", "worker-cpu"):
         assert services[name]["command"] == ["python", "-m", "ml_backend", "worker"]
 
@@ -71,6 +72,16 @@ def test_backend_environment_names_only_real_settings(compose):
         assert "models:/data/models" in compose["services"][name]["volumes"]
 
 
+def test_backend_requires_credentials(compose):
+    """No open control routes: compose refuses to start without BASIC_AUTH_PASS, and the
+    workers get the credentials too (they put them on the project's webhook)."""
+    for name in BACKEND_SERVICES:
+        env = compose["services"][name]["environment"]
+        assert env["BASIC_AUTH_PASS"].startswith("${BASIC_AUTH_PASS:?"), name
+        assert env["BASIC_AUTH_USER"] == "${BASIC_AUTH_USER:-labelstudio}", name
+        assert env["IMAGE_HOSTS"] == "${IMAGE_HOSTS:-}", name
+
+
 def test_label_studio_is_set_up_for_a_local_backend(compose):
     ls = compose["services"]["label-studio"]
     assert ls["image"] == "heartexlabs/label-studio:1.23.2"
@@ -93,6 +104,8 @@ def test_dockerfile_installs_requirements_and_fetches_weights(dockerfile):
     assert re.search(r"TORCH_HOME=\S+", dockerfile)
     assert "HEALTHCHECK" in dockerfile and "/health" in dockerfile
     assert re.search(r"^USER \w+", dockerfile, re.M), "the image should not run as root"
+    cmd = re.search(r"^CMD (.*)$", dockerfile, re.M).group(1)
+    assert "serve" in cmd and "--host" not in cmd  # loopback unless BASIC_AUTH_* are set
     for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
     env_names = set(

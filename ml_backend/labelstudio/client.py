@@ -28,9 +28,11 @@ from label_studio_sdk.core.api_error import ApiError
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError, LabelStudioUnavailable, ProjectNotFound
 from ml_backend.labelstudio.labels import LabelSpec, parse_config
+from ml_backend.labelstudio.webhooks import WebhookAuth, basic_auth_header
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+__all__ = ["QUEUE_VIEW_TITLE", "TASK_FIELDS", "LabelStudioClient", "basic_auth_header"]
 
 QUEUE_VIEW_TITLE = "Active learning queue"
 # Only what training and ranking read; ``expand`` makes LS send full annotations, not stubs.
@@ -67,7 +69,7 @@ def _detail(exc: ApiError) -> str:
     return str(body)[:300]
 
 
-class LabelStudioClient:
+class LabelStudioClient(WebhookAuth):
     """A Label Studio connection for one backend process.
 
     Args:
@@ -234,9 +236,17 @@ class LabelStudioClient:
 
         Yields dicts with ``id, data, annotations, meta, is_labeled`` (``data`` URLs resolved by
         Label Studio, e.g. cloud URIs become ``/tasks/<id>/resolve/?fileuri=...``).
+
+        Paging ends at the ``total`` Label Studio reports, at an empty page or at its 404
+        "Invalid page", never at a short page: a server with ``TASK_API_PAGE_SIZE_MAX`` below
+        our page size answers every page short (said once in the log).
+
+        Raises:
+            LabelStudioUnavailable: Label Studio answered the same page twice (it ignores the
+                page number), so paging on would never end or would repeat tasks.
         """
         options = {"additional_query_parameters": {"expand": "annotations"}}
-        page, seen = 1, 0
+        page, seen, previous_first, said_short = 1, 0, None, False
         while True:
 
             def fetch(page=page):
@@ -255,17 +265,37 @@ class LabelStudioClient:
                 if page > 1:
                     return  # LS answers 404 "Invalid page" past the end
                 raise ProjectNotFound(f"Label Studio at {self.url} has no project {pid}.") from None
-            items = pager.items or []
-            for item in items:
-                yield (
-                    item.model_dump(exclude_none=True)
-                    if hasattr(item, "model_dump")
-                    else dict(item)
+            items = [
+                item.model_dump(exclude_none=True) if hasattr(item, "model_dump") else dict(item)
+                for item in pager.items or []
+            ]
+            if not items:
+                return
+            first = items[0].get("id")
+            if first is not None and first == previous_first:
+                raise LabelStudioUnavailable(
+                    f"Label Studio at {self.url} answered the same page twice while listing tasks "
+                    f"of project {pid} (page {page} starts with task {first} again); a proxy in "
+                    "between may drop the page parameter"
                 )
+            previous_first = first
+            yield from items
             seen += len(items)
             total = getattr(pager.response, "total", None)
-            if len(items) < self._page_size or (total is not None and seen >= total):
+            if total is not None and seen >= total:
                 return
+            # Without a total, a short page may simply be the last one: only say it when we know
+            # that more tasks follow.
+            if len(items) < self._page_size and total is not None and not said_short:
+                said_short = True
+                log.warning(
+                    "Label Studio at %s returned %d tasks per page where %d were asked (its "
+                    "TASK_API_PAGE_SIZE_MAX setting?); paging on until all %d tasks are read",
+                    self.url,
+                    len(items),
+                    self._page_size,
+                    total,
+                )
             page += 1
 
     def update_task_meta(self, task_id: int, meta: dict) -> None:

@@ -3,9 +3,12 @@
 URLs are resolved here with ``requests`` rather than the SDK's ``get_local_path``: that helper
 lives in a private SDK module (``_extensions``), has no per-download timeout or size cap, follows
 redirects itself and reads ``LOCAL_FILES_DOCUMENT_ROOT`` from the environment. Owning the few
-lines lets us bound every download, run them concurrently and decide, hop by hop, where the
-Authorization header goes: only to the Label Studio origin (scheme, host and port of
-LABEL_STUDIO_URL), never to the cloud host a presign redirect points at, nor to any other host.
+lines lets us bound every download (MAX_IMAGE_BYTES, IMAGE_FETCH_TIMEOUT), run them
+concurrently and decide, hop by hop, where a download may go (``hosts.HostPolicy``) and where
+the Authorization header goes: only to the Label Studio origin (scheme, host and port of
+LABEL_STUDIO_URL), and only while every hop so far was there. Never to the cloud host a presign
+redirect points at, nor to any other host, nor back to Label Studio after a detour elsewhere
+(that hop's URL was chosen by the other host).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from PIL import Image, ImageOps
 
 from ml_backend.config import Settings
 from ml_backend.errors import ImageError
+from ml_backend.labelstudio.hosts import GuardedAdapter, HostPolicy, PeerRefused, guard, origin
 
 log = logging.getLogger(__name__)
 
@@ -134,16 +138,6 @@ def to_array(img: Image.Image, size: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return (
-        scheme,
-        (parts.hostname or "").lower(),
-        parts.port or {"http": 80, "https": 443}.get(scheme),
-    )
-
-
 class ImageCache:
     """Fetch task images concurrently, decode once, keep the resized arrays on disk.
 
@@ -153,7 +147,7 @@ class ImageCache:
 
     Args:
         settings: image_size, image_fetch_workers, image_fetch_timeout, max_image_pixels,
-            model_dir, label_studio_url.
+            max_image_bytes, image_hosts, model_dir, label_studio_url.
         client: anything with ``auth_header()`` (the LabelStudioClient); None sends no header.
     """
 
@@ -163,8 +157,10 @@ class ImageCache:
         self.workers = settings.image_fetch_workers
         self.timeout = settings.image_fetch_timeout
         self.max_pixels = settings.max_image_pixels
+        self.max_bytes = settings.max_image_bytes
         self.ls_url = settings.label_studio_url.rstrip("/")
-        self._ls_origin = _origin(self.ls_url)
+        self._ls_origin = origin(self.ls_url)
+        self.policy = HostPolicy(self.ls_url, settings.image_hosts)
         self._client = client
         self._local = threading.local()
 
@@ -269,12 +265,14 @@ class ImageCache:
         session = getattr(self._local, "session", None)
         if session is None:  # requests.Session is not documented thread-safe: one per thread
             session = self._local.session = requests.Session()
+            for prefix in ("http://", "https://"):
+                session.mount(prefix, GuardedAdapter())
         return session
 
     def _safe(self, url: str) -> str:
         """URL for logs: no query outside Label Studio (presigned signatures), no userinfo."""
         parts = urlsplit(url)
-        if _origin(url) == self._ls_origin:
+        if origin(url) == self._ls_origin:
             return parts.path + (f"?{parts.query}" if parts.query else "")
         return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
@@ -293,28 +291,40 @@ class ImageCache:
 
     def _download(self, task_id: int, url: str) -> bytes:
         if url.startswith("data:"):
-            return _data_uri(url)
+            return _data_uri(url, self.max_bytes)
         target = self._first_url(task_id, url)
         deadline = time.monotonic() + self.timeout
-        limit = self.max_pixels * 8 + (1 << 20)  # 16-bit RGBA at the pixel limit, plus headers
+        chain_on_ls = True  # every hop so far on Label Studio: only then the token goes along
+        redirected_by_ls = after_ls = False
         try:
             for _hop in range(MAX_REDIRECTS + 1):
-                on_ls = _origin(target) == self._ls_origin
-                headers = self._client.auth_header() if on_ls and self._client is not None else {}
-                with self._session().get(
-                    target,
-                    headers=headers,
-                    timeout=self.timeout,
-                    stream=True,
-                    allow_redirects=False,
-                ) as response:
+                on_ls = self.policy.on_ls(target)
+                chain_on_ls = chain_on_ls and on_ls
+                private_ok = self.policy.check(
+                    target, redirected_by_ls=redirected_by_ls, after_ls=after_ls
+                )
+                send_token = chain_on_ls and self._client is not None
+                headers = self._client.auth_header() if send_token else {}
+                with (
+                    guard(urlsplit(target).hostname or "", private_ok),
+                    self._session().get(
+                        target,
+                        headers=headers,
+                        timeout=self.timeout,
+                        stream=True,
+                        allow_redirects=False,
+                    ) as response,
+                ):
                     if response.is_redirect:
                         target = urljoin(target, response.headers["location"])
+                        redirected_by_ls, after_ls = on_ls, after_ls or on_ls
                         continue
                     if response.status_code != 200:
                         raise ImageError(self._http_reason(response.status_code, target, on_ls))
-                    return _read_body(response, deadline, limit, self.timeout)
+                    return _read_body(response, deadline, self.max_bytes, self.timeout)
             raise ImageError(f"more than {MAX_REDIRECTS} redirects from {self._safe(url)}")
+        except PeerRefused as exc:
+            raise ImageError(str(exc)) from None
         except requests.Timeout:
             raise ImageError(
                 f"timed out after {self.timeout:g}s fetching {self._safe(target)}"
@@ -335,20 +345,35 @@ class ImageCache:
 
 
 def _read_body(response: requests.Response, deadline: float, limit: int, timeout: float) -> bytes:
-    """The body, within a total time budget and size cap (the socket timeout is per read)."""
+    """The body, within a total time budget and MAX_IMAGE_BYTES (the socket timeout is per read).
+
+    A Content-Length over the cap is refused before reading; a body that grows past it (no or a
+    lying Content-Length, chunked encoding) is refused as soon as it does.
+    """
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ImageError(
+            f"image is {int(declared)} bytes (Content-Length), over MAX_IMAGE_BYTES={limit}; "
+            "raise MAX_IMAGE_BYTES if such images are expected"
+        )
     chunks, size = [], 0
     for chunk in response.iter_content(chunk_size=1 << 16):
         size += len(chunk)
         if size > limit:
-            raise ImageError(f"download larger than {limit >> 20} MiB; refused")
+            raise ImageError(
+                f"image is larger than MAX_IMAGE_BYTES={limit} bytes (download stopped there); "
+                "raise MAX_IMAGE_BYTES if such images are expected"
+            )
         if time.monotonic() > deadline:
             raise ImageError(f"timed out after {timeout:g}s (slow download)")
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-def _data_uri(url: str) -> bytes:
+def _data_uri(url: str, limit: int) -> bytes:
     header, _, payload = url.partition(",")
+    if len(payload) * 3 // 4 > limit:  # a base64 payload decodes to 3/4 of its length
+        raise ImageError(f"data: URI image is over MAX_IMAGE_BYTES={limit} bytes")
     try:
         if header.endswith(";base64"):
             return base64.b64decode(payload, validate=False)

@@ -13,12 +13,21 @@ Rules for turning a task's annotations into one label (``task_label``):
   multi-choice answer, and guessing "the first one" would train on a label nobody gave;
 - the majority wins; a tie goes to the label of the most recently updated annotation
   (``updated_at``, then ``created_at``, then ``id``).
+
+A renamed ``<Choices>`` tag (annotations keep the ``from_name`` they were made with; Label
+Studio accepts the rename when their results never entered its project summary, e.g. tasks
+imported with annotations): when an annotation has no result under the current name, a
+``choices`` result under another name is used if it points at our ``<Image>``, every value is
+one of our labels, the name is not another tag of the config, it is the only such old name in
+the annotation, and ours is the only ``<Choices>`` on that image. Otherwise nothing is guessed
+(the annotation casts no vote and is reported). ``LabelTally`` counts what was recovered and
+dropped so a job can say it once.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 from label_studio_sdk.label_interface import LabelInterface
@@ -40,12 +49,17 @@ class LabelSpec:
         to_name: ``name`` of the ``<Image>`` tag (prediction ``to_name``).
         value_key: key of the image URL in ``task["data"]`` (the Image's ``value`` without ``$``).
         labels: choice values in config order; class index ``i`` is ``labels[i]``.
+        other_controls: names of the config's other control tags (their results are theirs).
+        recover_renamed: ours is the only ``<Choices>`` on the image, so a ``choices`` result
+            under a name the config no longer has can only be ours, renamed.
     """
 
     from_name: str
     to_name: str
     value_key: str
     labels: tuple[str, ...]
+    other_controls: frozenset[str] = frozenset()
+    recover_renamed: bool = False
 
     def index(self, label: str) -> int:
         """Class index of ``label`` (config order)."""
@@ -85,7 +99,19 @@ def parse_config(xml: str) -> LabelSpec:
                     f'<Choices name="{control.name}"> has {len(labels)} choice(s); a classifier '
                     f"needs at least two. {_NEEDS}"
                 )
-            return LabelSpec(control.name, image.name, str(image.value)[1:], labels)
+            siblings = [
+                c
+                for c in interface.controls
+                if c.tag.lower() == "choices" and image.name in (c.to_name or [])
+            ]
+            return LabelSpec(
+                control.name,
+                image.name,
+                str(image.value)[1:],
+                labels,
+                other_controls=frozenset(c.name for c in interface.controls) - {control.name},
+                recover_renamed=len(siblings) == 1,
+            )
     found = ", ".join(
         sorted(
             {f"<{c.tag}>" for c in interface.controls} | {f"<{o.tag}>" for o in interface.objects}
@@ -118,21 +144,101 @@ def _when(annotation: dict) -> tuple:
     )
 
 
-def _choices_of(annotation: dict, spec: LabelSpec) -> list[str]:
+class LabelTally:
+    """What the label rules did over one job's tasks, for one warning instead of one per task.
+
+    Pass the same tally to every ``task_label`` call of a job, then log ``summary()`` once.
+    """
+
+    def __init__(self, spec: LabelSpec):
+        self.spec = spec
+        self.recovered: Counter[str] = Counter()  # old from_name -> annotations recovered
+        self.dropped: Counter[str] = Counter()  # reason -> annotations
+        self.dropped_names: defaultdict[str, set[str]] = defaultdict(set)
+
+    def summary(self) -> str | None:
+        """One sentence with counts, or None when every annotation used the current name."""
+        parts = []
+        if self.recovered:
+            names = ", ".join(f'"{n}" ({c})' for n, c in sorted(self.recovered.items()))
+            parts.append(
+                f"{sum(self.recovered.values())} annotation(s) chose under an old name of "
+                f'<Choices name="{self.spec.from_name}">, {names}: their labels were used'
+            )
+        if self.dropped:
+            reasons = "; ".join(
+                f"{count} under {', '.join(f'{n!r}' for n in sorted(self.dropped_names[why]))}: {why}"
+                for why, count in sorted(self.dropped.items())
+            )
+            parts.append(
+                f"{sum(self.dropped.values())} annotation(s) under names the config does not "
+                f"have were dropped ({reasons})"
+            )
+        if not parts:
+            return None
+        return (
+            "; ".join(parts) + ". The labeling config's <Choices> was renamed after these "
+            "annotations were made (or they were imported from another project): rename it "
+            "back, or re-annotate, to make every label count for sure."
+        )
+
+
+def _choices_of(
+    annotation: dict, spec: LabelSpec, tally: LabelTally | None
+) -> tuple[list[str], str | None]:
+    """Values chosen under our ``<Choices>`` (or its old name, see the module docstring).
+
+    Returns ``(values, problem)``; ``problem`` says why a result under another name was not used.
+    """
     values: list[str] = []
+    stale: dict[str, list[str]] = {}
     for region in annotation.get("result") or []:
-        if not isinstance(region, dict) or region.get("from_name") != spec.from_name:
+        if not isinstance(region, dict):
             continue
-        values.extend((region.get("value") or {}).get("choices") or [])
-    return values
+        chosen = (region.get("value") or {}).get("choices") or []
+        name = region.get("from_name")
+        if name == spec.from_name:
+            values.extend(chosen)
+        elif (
+            region.get("type") == "choices"
+            and region.get("to_name") == spec.to_name
+            and isinstance(name, str)
+            and name not in spec.other_controls
+            and chosen
+        ):
+            stale.setdefault(name, []).extend(chosen)
+    if values or not stale:
+        return values, None
+    names = ", ".join(repr(n) for n in sorted(stale))
+    if not spec.recover_renamed:
+        reason = "not guessed: the config has several <Choices> for the image"
+    elif len(stale) > 1:
+        reason = "not guessed: several old <Choices> names in one annotation"
+    elif not all(v in spec.labels for v in next(iter(stale.values()))):
+        reason = "values that are not choices of the config"
+    else:
+        ((name, chosen),) = stale.items()
+        if tally is not None:
+            tally.recovered[name] += 1
+        return chosen, None
+    if tally is not None:
+        tally.dropped[reason] += 1
+        tally.dropped_names[reason].update(stale)
+    return (
+        [],
+        f"annotation {annotation.get('id', '?')} chose under <Choices name={names}>, {reason}",
+    )
 
 
-def task_label(task: dict, spec: LabelSpec) -> tuple[str | None, str | None]:
+def task_label(
+    task: dict, spec: LabelSpec, tally: LabelTally | None = None
+) -> tuple[str | None, str | None]:
     """The training label of a task, by the rules in the module docstring.
 
     Args:
         task: a task dict as Label Studio returns it (``annotations`` with ``result`` lists).
         spec: the project's LabelSpec.
+        tally: counts labels recovered from, or dropped under, an old ``<Choices>`` name.
 
     Returns:
         ``(label, problem)``. ``label`` is a value of ``spec.labels`` or None (unlabeled or
@@ -145,8 +251,10 @@ def task_label(task: dict, spec: LabelSpec) -> tuple[str | None, str | None]:
     for annotation in task.get("annotations") or []:
         if not isinstance(annotation, dict) or annotation.get("was_cancelled"):
             continue
-        chosen = _choices_of(annotation, spec)
+        chosen, stale_problem = _choices_of(annotation, spec, tally)
         ident = annotation.get("id", "?")
+        if stale_problem:
+            problems.append(stale_problem)
         if not chosen:
             continue  # submitted without choosing: no vote, nothing to report
         if len(chosen) > 1:

@@ -1,4 +1,8 @@
-"""Parsing and validating what Label Studio sends. Every failure is a ``BadRequest`` saying why."""
+"""Parsing and validating what Label Studio sends. Every failure is a ``BadRequest`` saying why.
+
+The per-project knobs and their bounds (``PARAM_RULES``) live in ``ml_backend.config``, next to
+the settings they override, so the job and this layer read one table.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 from flask import Request
 
-from ml_backend.config import STRATEGIES, UNCERTAINTY_MEASURES
+from ml_backend.config import PARAM_RULES
 from ml_backend.errors import BadRequest
 
 # Actions that (re)start the project's job. TASKS_CREATED is here because the job also orders the
@@ -37,35 +41,6 @@ KNOWN_ACTIONS = TRAINING_ACTIONS | frozenset(
         "REVIEWS_DELETED",
     }
 )
-
-# Per-project knobs accepted in the model's "Extra params": name -> (parser, what is allowed).
-PARAM_RULES: dict[str, tuple[Any, str]] = {
-    "strategy": (lambda v: _one_of(v, STRATEGIES), f"one of {', '.join(STRATEGIES)}"),
-    "uncertainty": (
-        lambda v: _one_of(v, UNCERTAINTY_MEASURES),
-        f"one of {', '.join(UNCERTAINTY_MEASURES)}",
-    ),
-    "queue_batch": (lambda v: _whole(v, 1), "a whole number >= 1"),
-    "shortlist_factor": (lambda v: _whole(v, 1), "a whole number >= 1"),
-    "epochs": (lambda v: _whole(v, 0), "a whole number >= 0 (0 = automatic)"),
-}
-
-
-def _one_of(value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value.strip() not in choices:
-        raise ValueError
-    return value.strip()
-
-
-def _whole(value: Any, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError
-    number = int(value.strip()) if isinstance(value, str) else int(value)
-    if number < minimum:
-        raise ValueError
-    return number
 
 
 def json_body(request: Request) -> dict:

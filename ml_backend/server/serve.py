@@ -6,6 +6,7 @@ are plenty, and one process keeps the /metrics counters and the cached predictor
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 
 from gunicorn.app.base import BaseApplication
@@ -18,6 +19,45 @@ log = logging.getLogger(__name__)
 
 # /predict may load a model and run it over many tasks; Label Studio waits up to 100 s.
 REQUEST_TIMEOUT_S = 120
+LOOPBACK = "127.0.0.1"
+ALL_INTERFACES = "0.0.0.0"
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_host(settings: Settings, requested: str | None) -> tuple[str, str | None]:
+    """Where to listen, and what to tell the operator about it (None: nothing to say).
+
+    Without BASIC_AUTH_USER/BASIC_AUTH_PASS the control routes (/setup, /train, /webhook,
+    /predict) are open to whoever reaches the port, and they make the backend rewrite any project
+    the API key can read. So the default is loopback then, all interfaces with credentials. An
+    explicit ``--host`` wins; a non-loopback one without credentials comes with a warning.
+    """
+    secured = bool(settings.basic_auth_user and settings.basic_auth_pass)
+    if requested is None:
+        if secured:
+            return ALL_INTERFACES, None
+        return LOOPBACK, (
+            "listening on 127.0.0.1 only: BASIC_AUTH_USER and BASIC_AUTH_PASS are not set, so "
+            "the control routes are unauthenticated; set both to listen on all interfaces "
+            "(or pass --host to choose)"
+        )
+    if not secured and not is_loopback(requested):
+        return requested, (
+            f"WARNING: listening on {requested} without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone "
+            "who reaches this port can POST /setup, /train and /webhook for any project "
+            "LABEL_STUDIO_API_KEY can read, and make the backend rewrite its predictions, "
+            "sampling and views; set both to require HTTP basic auth"
+        )
+    return requested, None
 
 
 class _Gunicorn(BaseApplication):
@@ -35,14 +75,20 @@ class _Gunicorn(BaseApplication):
         return self.application
 
 
-def serve(settings: Settings, host: str = "0.0.0.0", port: int = 9090, threads: int = 4) -> None:
+def serve(settings: Settings, host: str | None = None, port: int = 9090, threads: int = 4) -> None:
     """Serve the app with gunicorn until SIGTERM/SIGINT.
+
+    Args:
+        host: address to listen on; None picks by ``listen_host`` (loopback without credentials).
 
     Raises:
         ConfigError: REDIS_URL is not set.
     """
     if not settings.redis_url:
         raise ConfigError("REDIS_URL is required to serve (e.g. redis://localhost:6379/0)")
+    host, note = listen_host(settings, host)
+    if note:
+        (log.warning if note.startswith("WARNING") else log.info)(note.removeprefix("WARNING: "))
     app = create_app(settings)
     options = {
         "bind": f"{host}:{port}",

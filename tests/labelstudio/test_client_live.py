@@ -1,24 +1,19 @@
 """Every LabelStudioClient method and ImageCache against a real Label Studio 1.23.2.
 
-Starts one throw-away server (own data dir, free port) for the module. Skipped when the
-Label Studio venv (.cache/ls-venv) is not installed.
+Uses the session's throw-away server (``live_ls`` in conftest.py: own data dir, free port,
+TASK_API_PAGE_SIZE_MAX=100). Skipped when the Label Studio venv (.cache/ls-venv) is not
+installed (failed under CI).
 """
 
 from __future__ import annotations
 
-import io
-import os
-import secrets
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-from PIL import Image
+from ls_fakes import LIVE_COLORS as COLORS
+from ls_fakes import png_bytes
 
 from ml_backend.config import Settings
 from ml_backend.labelstudio.client import QUEUE_VIEW_TITLE, LabelStudioClient
@@ -27,73 +22,13 @@ from ml_backend.labelstudio.labels import choice_result, task_label
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[2]
-LS_BIN = ROOT / ".cache" / "ls-venv" / "bin" / "label-studio"
-COLORS = [(250, 200, 0), (90, 90, 90), (20, 20, 20), (200, 10, 10), (10, 200, 10)]
 
 
 def _png(color) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (24, 24), color).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(color, size=(24, 24))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def live_ls(tmp_path_factory, missing_real_part):
-    if not LS_BIN.exists():
-        missing_real_part(
-            f"Label Studio 1.23.2 is not installed at {LS_BIN.relative_to(ROOT)} (the e2e installer puts it there)"
-        )
-    base = tmp_path_factory.mktemp("ls")
-    files = base / "files"
-    (files / "dataset").mkdir(parents=True)  # LS refuses a storage at the document root itself
-    for i, color in enumerate(COLORS):
-        (files / "dataset" / f"img{i}.png").write_bytes(_png(color))
-    token, port = secrets.token_hex(20), _free_port()
-    env = {
-        **os.environ,
-        "LABEL_STUDIO_BASE_DATA_DIR": str(base / "data"),
-        "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
-        "LABEL_STUDIO_USER_TOKEN": token,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(files),
-    }
-    log = open(base / "ls.log", "wb")  # noqa: SIM115 (closed in teardown)
-    proc = subprocess.Popen(
-        [str(LS_BIN), "start", "--no-browser", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).json().get("status") == "UP":
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = (base / "ls.log").read_text(errors="replace")[-3000:]
-                pytest.fail(f"Label Studio did not come up at {url}:\n{tail}")
-            time.sleep(1)
-        yield {"url": url, "token": token, "files": files}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pat(live_ls):
     """A personal access token made through the SDK (POST /api/token/)."""
     legacy = LabelStudioClient(

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import LEGACY_TOKEN, png_bytes
+from ls_fakes import LEGACY_TOKEN, png_bytes
 from PIL import Image
 
 from ml_backend.errors import ImageError
@@ -126,7 +126,14 @@ def cache(settings):
     return ImageCache(settings, LabelStudioClient(settings))
 
 
-def test_every_url_kind_and_where_the_token_goes(fake, cache):
+@pytest.fixture
+def open_cache(settings):
+    """A cache that may also fetch from the fake outside host (127.0.0.1 listed in IMAGE_HOSTS)."""
+    settings = settings.with_overrides(image_hosts=("127.0.0.1",))
+    return ImageCache(settings, LabelStudioClient(settings))
+
+
+def test_every_url_kind_and_where_the_token_goes(fake, open_cache):
     for name, color in [
         ("up.png", (255, 0, 0)),
         ("local.png", (0, 255, 0)),
@@ -145,14 +152,13 @@ def test_every_url_kind_and_where_the_token_goes(fake, cache):
         (6, f"{fake.ext.url}/img/ext.png"),
         (7, f"{fake.ls.url}/data/upload/7/up.png"),
         (8, data_uri),
-        (9, f"{fake.ext.url}/to-ls"),  # outside host redirecting to LS: header added only there
         (10, f"{fake.ls.url}/to-ext"),  # LS redirecting outside: header dropped
     ]
-    arrays, ok, failures = cache.fetch_arrays(items)
-    assert failures == {} and ok == list(range(1, 11))
-    assert arrays.shape == (10, 32, 32, 3) and arrays.dtype == np.uint8
+    arrays, ok, failures = open_cache.fetch_arrays(items)
+    assert failures == {} and ok == [i for i, _ in items]
+    assert arrays.shape == (9, 32, 32, 3) and arrays.dtype == np.uint8
     expected = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (0, 0, 255), (0, 0, 255), (255, 255, 0),
-                (255, 0, 0), (1, 2, 3), (9, 9, 9), (9, 9, 9)]  # fmt: skip
+                (255, 0, 0), (1, 2, 3), (9, 9, 9)]  # fmt: skip
     assert [tuple(a[16, 16]) for a in arrays] == expected
     for role, _method, path, auth in fake.log:
         if role == "ls":
@@ -162,6 +168,24 @@ def test_every_url_kind_and_where_the_token_goes(fake, cache):
     presigned = [p for r, _m, p, _a in fake.log if r == "ls" and "/presign/" in p]
     assert sorted(p.split("/")[2] for p in presigned) == ["3", "4", "5"]  # task id in the path
     assert fake.requests_to("cloud") and fake.requests_to("ext")
+
+
+def test_token_never_follows_a_detour_back_to_label_studio(fake, open_cache):
+    """An outside host chose the URL of the hop back to Label Studio: no token there, even
+    though it is Label Studio's origin (it could be any API path, with our token)."""
+    fake.files["up.png"] = png_bytes()
+    fake.routes[("GET", "/bounce")] = lambda h: h.send(
+        302, b"", headers={"Location": f"{fake.ext.url}/to-ls"}
+    )
+    _, ok, failures = open_cache.fetch_arrays(
+        [(9, f"{fake.ext.url}/to-ls"), (11, f"{fake.ls.url}/bounce")]
+    )
+    assert ok == [] and "HTTP 401" in failures[9] and "HTTP 401" in failures[11]
+    hops = [(role, path.split("?")[0], auth) for role, _m, path, auth in fake.log]
+    token = f"Token {LEGACY_TOKEN}"
+    assert ("ls", "/bounce", token) in hops  # the chain started on Label Studio: token there
+    landed = [auth for role, path, auth in hops if role == "ls" and path == "/data/upload/1/a.png"]
+    assert landed == [None, None]  # after the detour: never
 
 
 def test_second_fetch_hits_the_disk_cache(fake, cache, settings):
@@ -176,7 +200,7 @@ def test_second_fetch_hits_the_disk_cache(fake, cache, settings):
     assert not list((settings.model_dir / "cache" / "images").rglob("*.tmp"))
 
 
-def test_broken_images_are_reported_not_raised(fake, cache, caplog):
+def test_broken_images_are_reported_not_raised(fake, open_cache, caplog):
     fake.files["good.png"] = png_bytes()
     fake.files["corrupt.png"] = b"garbage"
     fake.files["bomb.png"] = png_header_only(30000, 30000)
@@ -194,7 +218,7 @@ def test_broken_images_are_reported_not_raised(fake, cache, caplog):
         ),  # LS file on another origin: no token
     ]
     with caplog.at_level(logging.WARNING):
-        arrays, ok, failures = cache.fetch_arrays(items)
+        arrays, ok, failures = open_cache.fetch_arrays(items)
     assert ok == [1] and arrays.shape == (1, 32, 32, 3)
     assert set(failures) == {2, 3, 4, 5, 6, 7, 8}
     assert "LABEL_STUDIO_URL" in failures[8] and "sig=abc" not in failures[8]

@@ -7,7 +7,13 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from ml_backend.errors import LabelConfigError
-from ml_backend.labelstudio.labels import choice_result, image_url, parse_config, task_label
+from ml_backend.labelstudio.labels import (
+    LabelTally,
+    choice_result,
+    image_url,
+    parse_config,
+    task_label,
+)
 
 CONFIG = (Path(__file__).parents[2] / "label_config.xml").read_text()
 
@@ -126,9 +132,73 @@ def test_several_choices_in_one_annotation_cast_no_vote(spec):
     assert label is None and "several" in problem
 
 
-def test_other_controls_are_ignored(spec):
-    task = {"annotations": [ann(1, "Whatever", name="other"), ann(2, "Sunny")]}
-    assert task_label(task, spec) == ("Sunny", None)
+def test_other_controls_are_ignored():
+    xml = CONFIG.replace(
+        "</View>",
+        '<Choices name="quality" toName="image"><Choice value="Sunny"/><Choice value="Blurry"/>'
+        '</Choices><TextArea name="notes" toName="image"/></View>',
+    )
+    spec = parse_config(xml)
+    notes = {"from_name": "notes", "to_name": "image", "type": "textarea", "value": {"text": ["x"]}}
+    task = {
+        "annotations": [
+            ann(1, "Sunny", name="quality"),  # another tag's answer, even with our value
+            {**ann(2, "Cloudy"), "result": ann(2, "Cloudy")["result"] + [notes]},
+        ]
+    }
+    assert task_label(task, spec) == ("Cloudy", None)
+
+
+RENAMED = CONFIG.replace('name="choice"', 'name="weather"')
+
+
+def test_renamed_choices_tag_keeps_its_labels():
+    """Annotations made before the rename keep from_name="choice"; they still count, once
+    each, and the tally says so once for the job."""
+    spec = parse_config(RENAMED)
+    assert spec.from_name == "weather" and spec.recover_renamed
+    tally = LabelTally(spec)
+    old = {"annotations": [ann(1, "Cloudy", name="choice")]}
+    new = {"annotations": [ann(2, "Sunny", name="weather")]}
+    mixed = {"annotations": [ann(3, "Sunny", name="choice"), ann(4, "Cloudy", name="weather"),
+                             ann(5, "Cloudy", name="choice", updated="2024-01-02")]}  # fmt: skip
+    assert task_label(old, spec, tally) == ("Cloudy", None)
+    assert task_label(new, spec, tally) == ("Sunny", None)
+    assert task_label(mixed, spec, tally) == ("Cloudy", None)
+    assert tally.recovered == {"choice": 3} and not tally.dropped
+    summary = tally.summary()
+    assert "3 annotation(s) chose under an old name" in summary and '"choice" (3)' in summary
+    assert LabelTally(spec).summary() is None
+
+
+def test_renamed_choices_never_guessed_when_unsure():
+    spec = parse_config(RENAMED)
+    tally = LabelTally(spec)
+    foreign = {"annotations": [ann(1, "Rainy", name="choice")]}  # a value the config lacks
+    two_names = {
+        "annotations": [
+            {"id": 2, "result": ann(2, "Sunny", name="a")["result"] + ann(2, "Cloudy", name="b")["result"]}
+        ]
+    }  # fmt: skip
+    other_image = {"annotations": [{"id": 3, "result": [{**ann(3, "Sunny", name="choice")["result"][0], "to_name": "thumb"}]}]}  # fmt: skip
+    label, problem = task_label(foreign, spec, tally)
+    assert label is None and "annotation 1" in problem and "not choices of the config" in problem
+    label, problem = task_label(two_names, spec, tally)
+    assert label is None and "several old <Choices> names" in problem
+    assert task_label(other_image, spec, tally) == (None, None)  # not aimed at our image
+    assert not tally.recovered and sum(tally.dropped.values()) == 2
+    assert "2 annotation(s) under names the config does not have were dropped" in tally.summary()
+
+    # Two <Choices> on the image: an old name could be either of them, so nothing is guessed.
+    xml = RENAMED.replace(
+        "</View>", '<Choices name="mood" toName="image"><Choice value="Sunny"/><Choice value="Grim"/></Choices></View>'
+    )  # fmt: skip
+    spec = parse_config(xml)
+    assert spec.from_name == "weather" and not spec.recover_renamed
+    tally = LabelTally(spec)
+    label, problem = task_label({"annotations": [ann(4, "Sunny", name="choice")]}, spec, tally)
+    assert label is None and "several <Choices> for the image" in problem
+    assert task_label({"annotations": [ann(5, "Sunny", name="mood")]}, spec, tally) == (None, None)
 
 
 def test_choice_result_matches_the_sdk_and_validates(spec):

@@ -108,6 +108,47 @@ def test_basic_auth_guards_everything_but_health(settings, redis_conn):
     assert response.status_code == 201
 
 
+def test_control_routes_refuse_unauthenticated_calls_and_change_nothing(settings, redis_conn):
+    """With credentials set, a webhook without them (what Label Studio sends until the project's
+    webhook carries the header) and every other control route are refused before anything is
+    read or enqueued."""
+    app = create_app(settings.with_overrides(basic_auth_user="ls", basic_auth_pass="s3cret"))
+    client = app.test_client()
+    webhook = {"action": "ANNOTATION_CREATED", "project": {"id": 3}, "annotation": {"id": 1}}
+    calls = [
+        ("/webhook", webhook),
+        ("/setup", {"project": "3.1", "extra_params": {"queue_batch": 5}}),
+        ("/predict", {"tasks": [{"id": 1, "data": {"image": "http://10.0.0.1/a.png"}}], "project": 3}),
+        ("/train", {"project": 3}),
+    ]  # fmt: skip
+    for path, body in calls:
+        response = client.post(path, json=body)
+        assert response.status_code == 401, path
+    assert redis_conn.keys("*") == []  # no job, no marker, no params, no status
+    metrics = client.get("/metrics", headers=_auth("ls", "s3cret")).get_data(as_text=True)
+    assert "mlb_webhooks_total{" not in metrics
+    response = client.post("/webhook", json=webhook, headers=_auth("ls", "s3cret"))
+    assert response.status_code == 201 and response.get_json()["status"] == "enqueued"
+
+
+def test_listen_host_defaults_to_loopback_without_credentials(settings):
+    from ml_backend.server.serve import is_loopback, listen_host
+
+    assert (
+        listen_host(settings, None)[0] == "127.0.0.1"
+        and "127.0.0.1 only" in listen_host(settings, None)[1]
+    )
+    host, note = listen_host(settings, "0.0.0.0")
+    assert host == "0.0.0.0" and note.startswith("WARNING")
+    assert listen_host(settings, "::1") == ("::1", None)
+    secured = settings.with_overrides(basic_auth_user="ls", basic_auth_pass="s3cret")
+    assert listen_host(secured, None) == ("0.0.0.0", None)
+    assert listen_host(secured, "10.1.2.3") == ("10.1.2.3", None)
+    assert [is_loopback(h) for h in ("localhost", "127.0.0.2", "[::1]", "0.0.0.0", "web")] == [
+        True, True, True, False, False,
+    ]  # fmt: skip
+
+
 def test_backend_errors_map_to_their_status_and_crashes_to_500(settings, redis_conn, caplog):
     app = create_app(settings)
 

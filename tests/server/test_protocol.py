@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from rq import Queue
 
+from ml_backend.config import BOUNDS, PARAM_RULES
 from ml_backend.jobs.state import StatusStore
 
 
@@ -85,7 +87,7 @@ def test_setup_stores_extra_params_json_and_lines(client, redis_conn):
 def test_setup_rejects_bad_extra_params(client, redis_conn):
     cases = {
         "strategy=best": "extra param strategy must be one of diversified",
-        "queue_batch=0": "extra param queue_batch must be a whole number >= 1",
+        "queue_batch=0": "extra param queue_batch must be a whole number from 1 to 1000",
         "epochs=1.5": "extra param epochs must be",
         "colour=red": "unknown extra param 'colour'; allowed: strategy, uncertainty",
         "just words": "line 1 must look like key=value",
@@ -96,6 +98,32 @@ def test_setup_rejects_bad_extra_params(client, redis_conn):
         assert response.status_code == 400, raw
         assert message in response.get_json()["error"], raw
     assert StatusStore(redis_conn).project_params(5) == {}
+
+
+@pytest.mark.parametrize(
+    ("raw", "limit"),
+    [
+        ("queue_batch=100000000", "from 1 to 1000 (the limit of QUEUE_BATCH)"),
+        ({"queue_batch": 1001}, "from 1 to 1000 (the limit of QUEUE_BATCH)"),
+        ("shortlist_factor=101", "from 1 to 100 (the limit of SHORTLIST_FACTOR)"),
+        ("epochs=1000000", "from 0 to 200, 0 = automatic (the limit of EPOCHS)"),
+        ({"epochs": 201.0}, "from 0 to 200"),
+    ],
+)
+def test_setup_refuses_knobs_over_their_limit(client, redis_conn, raw, limit):
+    response = client.post("/setup", json={"project": "5.1", "extra_params": raw})
+    assert response.status_code == 400
+    assert limit in response.get_json()["error"]
+    assert StatusStore(redis_conn).project_params(5) == {}
+
+
+def test_every_knob_has_both_bounds_and_the_limits_are_accepted(client, redis_conn):
+    whole = {k: v for k, v in PARAM_RULES.items() if k not in ("strategy", "uncertainty")}
+    assert set(whole) == {"queue_batch", "shortlist_factor", "epochs"}
+    highest = {name: BOUNDS[name.upper()][1] for name in whole}
+    response = client.post("/setup", json={"project": "5.1", "extra_params": highest})
+    assert response.status_code == 200, response.get_json()
+    assert StatusStore(redis_conn).project_params(5) == highest
 
 
 def test_webhook_training_actions_enqueue_and_coalesce(client, redis_conn, settings):
