@@ -140,6 +140,8 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "MAX_IMAGE_PIXELS": (1024, 178_956_970),  # Pillow refuses more than this anyway
     "MAX_IMAGE_BYTES": (1024, 1 << 30),
     "JOB_TIMEOUT": (10, 86_400),
+    "QUEUE_DEPTH": (1, 100_000),
+    "JOB_LEASE_S": (3, 3600),
 }
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ml_backend.labelstudio.labels import LabelSpec, image_url, task_label
+from ml_backend.labelstudio.labels import LabelSpec, LabelTally, image_url, task_label
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def read_tasks(tasks: Iterable[dict], spec: LabelSpec):
     skipped: dict[int, str] = {}
     problems: dict[int, str] = {}
     index = {name: i for i, name in enumerate(spec.labels)}
+    tally = LabelTally(spec)  # one warning per job for a renamed <Choices>, not one per task
     for task in tasks:
         task_id = int(task["id"])
         url, why = image_url(task, spec)
@@ -85,11 +86,13 @@ def read_tasks(tasks: Iterable[dict], spec: LabelSpec):
             skipped[task_id] = why or "no image"
             continue
         items.append((task_id, url))
-        label, problem = task_label(task, spec)
+        label, problem = task_label(task, spec, tally)
         if problem:
             problems[task_id] = problem
         if label is not None:
             labels[task_id] = index[label]
+    if summary := tally.summary():
+        log.warning("%s", summary)
     return items, labels, skipped, problems
 
 

@@ -26,7 +26,8 @@ import logging
 import shutil
 import time
 
-from ml_backend.config import Settings
+from ml_backend.config import PARAM_RULES, Settings
+from ml_backend.errors import BackendError
 from ml_backend.jobs.pool import Pool, build_pool
 from ml_backend.jobs.publish import (
     COLD_START_PREFIX,
@@ -45,8 +46,8 @@ from ml_backend.selection import rank
 
 log = logging.getLogger(__name__)
 
-# Per-project knobs (from /setup extra_params) that may override the deployment's settings.
-PROJECT_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "epochs")
+# How often a worker checks that the project's webhook carries our basic-auth header.
+WEBHOOK_AUTH_EVERY_S = 600
 # Reasons that ask for a retrain even when the labeled set has not changed (`refresh` command).
 # Label Studio's START_TRAINING is not one: with "train on every annotation" it comes with each
 # submit, and a model trained on exactly these labels is already there.
@@ -58,8 +59,19 @@ QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "qu
 
 
 def effective_settings(settings: Settings, params: dict | None) -> Settings:
-    """The deployment's settings with the project's own knobs applied."""
-    overrides = {k: v for k, v in (params or {}).items() if k in PROJECT_KNOBS}
+    """The deployment's settings with the project's own knobs (``PARAM_RULES``) applied.
+
+    Knobs stored before their bounds existed are checked again; a bad one is dropped and logged.
+    """
+    overrides = {}
+    for name, value in (params or {}).items():
+        if name not in PARAM_RULES:
+            continue
+        parse, allowed = PARAM_RULES[name]
+        try:
+            overrides[name] = parse(value)
+        except (ValueError, TypeError):
+            log.warning("ignoring the project knob %s=%r: it must be %s", name, value, allowed)
     return settings.with_overrides(**overrides) if overrides else settings
 
 
@@ -402,7 +414,40 @@ def _push(run: _Run, items: list[dict], version: str, path, metrics: dict) -> No
     run.lap("push", t0)
 
 
+def _secure_webhook(run: _Run) -> str | None:
+    """With BASIC_AUTH_* set, put our basic-auth header on the project's webhook (Label Studio
+    creates it without, and the web app refuses webhooks without it). Checked at the end of a
+    job (the webhook exists by then), at most every ``WEBHOOK_AUTH_EVERY_S`` per project."""
+    settings, status = run.settings, run.status
+    if not (settings.basic_auth_user and settings.basic_auth_pass) or status is None:
+        return None
+    key = f"mlb:webhook_auth:{run.project_id}"
+    if status.redis.exists(key):
+        return None
+    from ml_backend.labelstudio.client import basic_auth_header
+
+    header = basic_auth_header(settings.basic_auth_user, settings.basic_auth_pass)
+    try:
+        urls = run.client.backend_urls(run.project_id, settings.basic_auth_user)
+        results = [run.client.ensure_webhook_auth(run.project_id, url, header) for url in urls]
+    except BackendError as exc:
+        log.warning("project %s: could not put basic auth on its webhook: %s", run.project_id, exc)
+        return f"webhook auth: {exc}"
+    if results and "missing" not in results:
+        status.redis.set(key, "1", ex=WEBHOOK_AUTH_EVERY_S)
+        return None
+    log.warning(
+        "project %s: no webhook of Label Studio points at this backend with our login; labels "
+        "will not start retrains until it exists (checked again after the next job)",
+        run.project_id,
+    )
+    return "webhook auth: the project's webhook to this backend was not found"
+
+
 def _finish(run: _Run, outcome: str, version: str | None, metrics: dict) -> dict:
+    problem = _secure_webhook(run)
+    if problem:
+        metrics = {**metrics, "publish_warnings": [*metrics.get("publish_warnings", []), problem]}
     run.timings["total_s"] = round(time.monotonic() - run.started, 3)
     if run.status is not None and metrics.get("queue_top") is not None:
         run.status.queue_top(run.project_id, metrics["queue_top"])

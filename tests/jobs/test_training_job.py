@@ -87,6 +87,14 @@ class FakeLabelStudio:
             versions[version] = versions.get(version, 0) + 1
         return versions
 
+    def backend_urls(self, pid, user):
+        self.calls.append(("backends", user))
+        return ["http://backend:9090"]
+
+    def ensure_webhook_auth(self, pid, url, header):
+        self.calls.append(("webhook auth", url, header))
+        return "set"
+
     def delete_version(self, pid, version):
         self.calls.append(("delete", version))
         self.predictions = {k: v for k, v in self.predictions.items() if k[1] != version}
@@ -285,3 +293,14 @@ def test_broken_images_are_skipped_not_fatal(world, job_settings, redis_conn):
     out = run(job_settings, client, cache, StatusStore(redis_conn))
     assert out["outcome"] == "trained" and out["metrics"]["skipped_tasks"] == 2
     assert (200, "resnet18-v1") not in client.predictions
+
+
+def test_with_basic_auth_the_job_puts_it_on_the_webhook_once(world, job_settings, redis_conn):
+    tasks, _, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    secured = job_settings.with_overrides(basic_auth_user="ls", basic_auth_pass="s3cret")
+    run(secured, client, cache, status)
+    run(secured, client, cache, status, reason="START_TRAINING")  # "unchanged": no check again
+    (call,) = [c for c in client.calls if c[0] == "webhook auth"]
+    assert call[1] == "http://backend:9090" and call[2].startswith("Basic ")
+    run(job_settings, FakeLabelStudio(tasks), cache, StatusStore(redis_conn))  # no auth: no call

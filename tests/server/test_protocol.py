@@ -6,6 +6,7 @@ import pytest
 from rq import Queue
 
 from ml_backend.config import BOUNDS, PARAM_RULES
+from ml_backend.jobs.markers import Markers
 from ml_backend.jobs.state import StatusStore
 
 
@@ -178,12 +179,17 @@ def test_status_shows_state_history_and_queue(client, redis_conn):
     assert waiting["state"] == "waiting"
     assert waiting["waiting"]["reason"] == "ANNOTATION_CREATED"
     assert waiting["queue"]["waiting_job"] == waiting["waiting"]["job_id"]
-    store.job_started(4, "j1", "ANNOTATION_CREATED")
+    job = waiting["waiting"]["job_id"]
+    markers = Markers(redis_conn)
+    markers.start(4, job, "ml-backend-test", 30)  # what the worker does when the job starts
+    store.job_started(4, job, "ANNOTATION_CREATED")
     store.progress(4, stage="training", epoch=2, epochs=5)
     running = client.get("/status/4").get_json()
-    assert running["state"] == "running"
+    assert running["state"] == "running" and running["queue"]["running_job"] == job
     assert running["progress"]["epoch"] == 2
-    store.job_finished(4, "j1", "trained", {"val_accuracy": 0.9}, "resnet18-v1")
+    store.job_finished(4, job, "trained", {"val_accuracy": 0.9}, "resnet18-v1")
+    markers.finish(4, job, "ml-backend-test", "unused")
+    assert client.get("/status/4").get_json()["progress"] == {}, "no progress when idle"
     store.queue_top(4, [{"task_id": 10, "rank": 0, "uncertainty": 0.8, "distance": float("nan")}])
     done = client.get("/status/4").get_json()
     assert done["model_version"] == "resnet18-v1"
