@@ -245,11 +245,20 @@ class BackendProcesses:
             this process's environment; a None value removes a variable.
         log_dir: where ``web.log`` and ``worker.log`` go.
         port: the web port (a free one when None).
+        code: the checkout whose ``ml_backend`` runs (this one by default; benchmarks pass an
+            older checkout to compare).
     """
 
-    def __init__(self, env: dict[str, str | None], log_dir: Path, port: int | None = None):
+    def __init__(
+        self,
+        env: dict[str, str | None],
+        log_dir: Path,
+        port: int | None = None,
+        code: Path = REPO_ROOT,
+    ):
         self.env = child_environment(**env)
         self.log_dir = Path(log_dir)
+        self.code = Path(code)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.web: subprocess.Popen | None = None
@@ -265,7 +274,7 @@ class BackendProcesses:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                cwd=REPO_ROOT,
+                cwd=self.code,
             )
 
     def start(self, timeout_s: float = 60.0) -> BackendProcesses:

@@ -1,0 +1,157 @@
+"""Versions, jobs and prediction rows after 50 labels: this code against an older checkout.
+
+One throw-away Label Studio 1.23.2; for each checkout (this one, and ``--compare DIR``, e.g. a
+``git worktree`` of the commit before the publishing change), its own Redis and backend (web +
+worker, as users start them) and its own project of ``--tasks`` generated images, set up as the
+demo does (training on every annotation, so each submit sends ANNOTATION_CREATED and
+START_TRAINING). After the cold start, ``--labels`` annotations are submitted at a fixed pace as
+"Label All Tasks" serves them (``/next/``, then the true label through the API); once the backend
+is idle the table counts, from Label Studio and the backend's ``/status``: jobs run, versions
+published, prediction rows written, versions and rows left in Label Studio.
+
+    .venv/bin/python tests/benchmarks/bench_versions.py --compare /tmp/ml-backend-before
+
+Prints a Markdown table. Same inputs for both: the same images (seed), labels and pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from ml_backend.demo_project import LabelStudioAPI, import_images  # noqa: E402
+from ml_backend.local_services import (  # noqa: E402
+    BackendProcesses,
+    LabelStudioServer,
+    RedisProcess,
+)
+
+SETTINGS = {
+    "PRETRAINED": "none",
+    "DEVICE": "cpu",
+    "IMAGE_SIZE": "64",
+    "EPOCHS": "5",
+    "BATCH_SIZE": "16",
+    "QUEUE_BATCH": "10",
+    "LOG_LEVEL": "INFO",
+}
+
+
+def status(backend: BackendProcesses, project: int) -> dict:
+    reply = requests.get(f"{backend.url}/status/{project}", timeout=10)
+    return reply.json() if reply.status_code == 200 else {}
+
+
+def wait_idle(backend: BackendProcesses, project: int, timeout_s: float = 600) -> dict:
+    deadline, quiet_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        now = status(backend, project)
+        queue = now.get("queue") or {}
+        busy = now.get("state") != "idle" or queue.get("waiting_job") or queue.get("running_job")
+        if busy or not now.get("model_version"):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 5:  # idle for 5 s: no follow-up came
+            return now
+        time.sleep(0.5)
+    raise TimeoutError(f"project {project} never went idle\n{backend.logs(40)}")
+
+
+def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: Path) -> dict:
+    redis = RedisProcess(work / "redis").start()
+    env = {
+        **SETTINGS,
+        "REDIS_URL": redis.url,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.token,
+        "MODEL_DIR": str(work / "models"),
+    }
+    backend = BackendProcesses(env, work / "logs", code=code).start()
+    try:
+        project = api.create_project(f"versions {code.name}")
+        api.connect_backend(project, backend.url)
+        api.update_project(project, start_training_on_annotation_update=True)
+        truth = import_images(api, project, ls.document_root, args.tasks, seed=args.seed)
+        wait_idle(backend, project)
+        started = time.monotonic()
+        for _ in range(args.labels):
+            task = api.next_task(project)["id"]
+            api.annotate(task, truth[task])
+            time.sleep(args.pace)
+        final = wait_idle(backend, project)
+        seconds = time.monotonic() - started
+        jobs = status_history(backend, project)
+        versions = api.model_versions(project)
+        return {
+            "code": code.name,
+            "jobs": len(jobs),
+            "published": sum(1 for j in jobs if j.get("model_version")),
+            "rows_written": sum(
+                (j.get("metrics") or {}).get("predictions_pushed", 0) for j in jobs
+            ),
+            "versions_left": len(versions),
+            "rows_left": sum(versions.values()),
+            "served_labels": next(
+                (
+                    j["metrics"].get("labels_used")
+                    for j in jobs
+                    if j.get("model_version") == final["model_version"]
+                ),
+                None,
+            ),  # fmt: skip
+            "seconds": round(seconds, 1),
+        }
+    finally:
+        backend.stop()
+        redis.stop()
+
+
+def status_history(backend: BackendProcesses, project: int) -> list[dict]:
+    """Every finished job of the project (``/status`` keeps the last 50; ask for all of them)."""
+    from redis import Redis
+
+    from ml_backend.jobs.state import StatusStore
+
+    return StatusStore(Redis.from_url(backend.env["REDIS_URL"])).history(project, 1000)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", type=Path, help="an older checkout to run beside this one")
+    parser.add_argument("--tasks", type=int, default=300)
+    parser.add_argument("--labels", type=int, default=50)
+    parser.add_argument("--pace", type=float, default=2.0, help="seconds between two labels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-versions-"))
+    codes = [ROOT] + ([args.compare.resolve()] if args.compare else [])
+    rows = []
+    with LabelStudioServer(work / "label-studio") as ls:
+        api = LabelStudioAPI(ls.url, ls.token)
+        for i, code in enumerate(codes):
+            rows.append(run_one(code, ls, api, args, work / f"run-{i}"))
+            print(rows[-1], flush=True)
+    print(
+        f"\n{args.labels} labels, one every {args.pace:g} s, {args.tasks} tasks, "
+        "training on every annotation (ANNOTATION_CREATED + START_TRAINING per submit)\n"
+    )
+    print("| code | jobs | versions published | prediction rows written | versions left in LS "
+          "| rows left in LS | labels in the final model | seconds |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['code']} | {r['jobs']} | {r['published']} | {r['rows_written']} | "
+              f"{r['versions_left']} | {r['rows_left']} | {r['served_labels']} | {r['seconds']} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
