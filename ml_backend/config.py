@@ -75,7 +75,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "KEEP_VERSIONS": ("3", "Model versions kept on disk per project (the newest ones)."),
     "QUEUE_DEPTH": (
-        "1000",
+        "100",
         "Unlabeled tasks that get a prediction (queue position + pre-annotation) per published "
         "version: the top of the queue. Label Studio serves only tasks with a current-version "
         "prediction, so keep it above what annotators label between two retrains.",
@@ -94,6 +94,11 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "30",
         "A running job renews a lease this long; a job whose lease ran out (worker killed) is "
         "recorded as failed and its project retrains again.",
+    ),
+    "JOB_RETRY_S": (
+        "30",
+        "A job that failed because Label Studio was unreachable runs again after this many "
+        "seconds (doubling per consecutive failure, at most 15 minutes).",
     ),
     "RECONCILE_S": (
         "15",
@@ -281,10 +286,11 @@ class Settings:
     queue_batch: int = 20
     shortlist_factor: int = 5
     keep_versions: int = 3
-    queue_depth: int = 1000
+    queue_depth: int = 100
     prediction_grace: float = 86400.0
     job_settle_s: float = 1.0
     job_lease_s: int = 30
+    job_retry_s: float = 30.0
     reconcile_s: float = 15.0
     min_labels: int = 2
     max_request_bytes: int = 50 * 1024 * 1024
@@ -343,6 +349,7 @@ class Settings:
             prediction_grace=_float("PREDICTION_GRACE", get("PREDICTION_GRACE"), 0.0, 30 * 86400),
             job_settle_s=_float("JOB_SETTLE_S", get("JOB_SETTLE_S"), 0.0, 30.0),
             job_lease_s=_int("JOB_LEASE_S", get("JOB_LEASE_S"), minimum=3),
+            job_retry_s=_float("JOB_RETRY_S", get("JOB_RETRY_S"), 1.0, 3600.0),
             reconcile_s=_float("RECONCILE_S", get("RECONCILE_S"), 1.0, 3600.0),
             min_labels=_int("MIN_LABELS", get("MIN_LABELS"), minimum=2),
             max_request_bytes=_int("MAX_REQUEST_BYTES", get("MAX_REQUEST_BYTES"), minimum=1024),

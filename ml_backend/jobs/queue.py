@@ -26,6 +26,7 @@ from collections.abc import Callable
 from rq import Queue, get_current_job
 
 from ml_backend.config import Settings
+from ml_backend.errors import LabelStudioUnavailable
 from ml_backend.jobs.lease import Heartbeat
 from ml_backend.jobs.markers import Markers, job_of
 from ml_backend.jobs.state import StatusStore
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 # A job waits at most this long for webhooks to settle before it reads the labels anyway.
 MAX_SETTLE_WAIT_S = 10.0
 KILLED = "the worker running this job stopped before it finished (killed, crashed or lost)"
+# A job that failed because Label Studio was unreachable runs again after JOB_RETRY_S, doubling
+# per consecutive failure up to this.
+MAX_RETRY_S = 900.0
 LOST = "this queued job was lost before it ran (the enqueue failed or the queue was flushed)"
 
 
@@ -212,11 +216,18 @@ def run_training_job(project_id: int, reason: str, target: Callable | None = Non
         )
         outcome, metrics, version = _result_fields(result)
         status.job_finished(project_id, job.id, outcome, metrics, version)
+        markers.clear_retry(project_id)
         log.info("project %s: job %s finished: %s", project_id, job.id, outcome)
         return {"outcome": outcome, "metrics": metrics, "model_version": version}
     except BaseException as exc:  # timeouts and shutdowns too: the status must not say "running"
-        status.job_failed(project_id, job.id, redact(f"{type(exc).__name__}: {exc}")[:500])
-        log.error("project %s: job %s failed: %s", project_id, job.id, type(exc).__name__)
+        error = redact(f"{type(exc).__name__}: {exc}")[:500]
+        if isinstance(exc, LabelStudioUnavailable):  # it comes back: try again, with backoff
+            delay = markers.retry_later(project_id, settings.job_retry_s, MAX_RETRY_S, queue_name)
+            error += f" (retrying in {delay:.0f} s)"
+        else:
+            markers.clear_retry(project_id)
+        status.job_failed(project_id, job.id, error)
+        log.error("project %s: job %s failed: %s", project_id, job.id, error)
         raise
     finally:
         heartbeat.stop()

@@ -82,9 +82,15 @@ def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: 
         api.update_project(project, start_training_on_annotation_update=True)
         truth = import_images(api, project, ls.document_root, args.tasks, seed=args.seed)
         wait_idle(backend, project)
-        started = time.monotonic()
+        started, next_errors = time.monotonic(), 0
         for _ in range(args.labels):
-            task = api.next_task(project)["id"]
+            for _attempt in range(20):  # as a labeler would: reload until a task shows
+                try:
+                    task = api.next_task(project)["id"]
+                    break
+                except RuntimeError:  # Label Studio answered an error instead of a task
+                    next_errors += 1
+                    time.sleep(1.0)
             api.annotate(task, truth[task])
             time.sleep(args.pace)
         final = wait_idle(backend, project)
@@ -108,6 +114,7 @@ def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: 
                 ),
                 None,
             ),  # fmt: skip
+            "next_errors": next_errors,
             "seconds": round(seconds, 1),
         }
     finally:
@@ -145,11 +152,12 @@ def main() -> int:
         "training on every annotation (ANNOTATION_CREATED + START_TRAINING per submit)\n"
     )
     print("| code | jobs | versions published | prediction rows written | versions left in LS "
-          "| rows left in LS | labels in the final model | seconds |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| rows left in LS | labels in the final model | 'next task' errors | seconds |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['code']} | {r['jobs']} | {r['published']} | {r['rows_written']} | "
-              f"{r['versions_left']} | {r['rows_left']} | {r['served_labels']} | {r['seconds']} |")  # fmt: skip
+              f"{r['versions_left']} | {r['rows_left']} | {r['served_labels']} | "
+              f"{r['next_errors']} | {r['seconds']} |")  # fmt: skip
     return 0
 
 

@@ -16,7 +16,13 @@ from ml_backend.local_services import LabelStudioServer, RedisProcess, tail
 
 # The loop tests read the project as each step leaves it (cold start, then trained): run them
 # first, in file order; the browser and PAT tests after them.
-MODULE_ORDER = ("test_loop.py", "test_browser.py", "test_pat.py", "test_browser_submit.py")
+MODULE_ORDER = (
+    "test_loop.py",
+    "test_browser.py",
+    "test_pat.py",
+    "test_browser_submit.py",
+    "test_faults.py",
+)
 
 
 def pytest_collection_modifyitems(config, items):

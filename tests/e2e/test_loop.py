@@ -12,6 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from e2e_support import N_IMAGES, spread_labels
 
+from ml_backend.config import Settings
+
+QUEUE_DEPTH = Settings().queue_depth
+
 pytestmark = pytest.mark.e2e
 
 
@@ -33,13 +37,11 @@ def test_cold_start_orders_the_queue_by_diversity(stack, cold_project):
     assert version.startswith("coldstart-"), status
     assert len(truth) == N_IMAGES
 
-    # Every task carries an empty-result prediction of the cold-start version...
+    # The top QUEUE_DEPTH tasks carry an empty-result prediction of the cold-start version...
     tasks = stack.api.tasks(project)
-    current = _current_predictions(tasks, version)
-    assert all(len(preds) == 1 for preds in current.values()), (
-        "a task lacks the cold-start prediction"
-    )
-    assert all(preds[0]["result"] == [] for preds in current.values())
+    current = {t: p for t, p in _current_predictions(tasks, version).items() if p}
+    assert len(current) == min(QUEUE_DEPTH, N_IMAGES), "tasks lack the cold-start prediction"
+    assert all(len(preds) == 1 and preds[0]["result"] == [] for preds in current.values())
     # ... the project serves it, in uncertainty-sampling order ...
     settings = stack.api.project(project)
     assert settings["model_version"] == version
@@ -58,17 +60,16 @@ def test_annotations_retrain_and_update_the_queue(stack, trained_project, cold_p
     version = status["model_version"]
     assert version != cold_version and not version.startswith("coldstart-"), status
 
-    # A prediction of the new version on every unlabeled task (none on labeled ones: they are out
-    # of the queue and show their annotation), and the project switched to it.
+    # A prediction of the new version on each of the top QUEUE_DEPTH unlabeled tasks (none on
+    # labeled ones: they are out of the queue and show their annotation), and the switch.
     tasks = stack.api.tasks(project)
     current = _current_predictions(tasks, version)
-    missing = [task for task, preds in current.items() if len(preds) != 1 and task not in labeled]
-    assert not missing, f"{len(missing)} unlabeled tasks lack a prediction of {version}"
-    assert not any(current[task] for task in labeled)
+    pushed = {task for task, preds in current.items() if preds}
+    assert all(len(current[task]) == 1 for task in pushed)
+    assert len(pushed) == min(QUEUE_DEPTH, N_IMAGES - len(labeled)) and not pushed & labeled
     assert stack.api.project(project)["model_version"] == version
-    assert stack.api.model_versions(project).get(version) == N_IMAGES - len(labeled)
     # The cold-start version a labeler may still have open is kept (PREDICTION_GRACE).
-    assert stack.api.model_versions(project).get(cold_version) == N_IMAGES
+    assert stack.api.model_versions(project).get(cold_version) == min(QUEUE_DEPTH, N_IMAGES)
 
     # The queue serves the backend's first-ranked task, pre-annotated with a choice.
     top = status["queue_top"]
@@ -78,8 +79,8 @@ def test_annotations_retrain_and_update_the_queue(stack, trained_project, cold_p
     served_preds = [p for p in served["predictions"] if p["model_version"] == version]
     assert served_preds and _choice(served_preds[0]) in {"Sunny", "Cloudy", "Very Cloudy"}
 
-    # Predicted labels on unlabeled tasks are well above chance (1/3).
-    unlabeled = [t for t in current if t not in labeled]
+    # Predicted labels on the pushed tasks are well above chance (1/3).
+    unlabeled = sorted(pushed)
     correct = sum(_choice(current[t][0]) == truth[t] for t in unlabeled)
     accuracy = correct / len(unlabeled)
     assert accuracy > 0.6, f"accuracy on {len(unlabeled)} unlabeled tasks: {accuracy:.2f}"

@@ -33,7 +33,7 @@ def test_a_personal_access_token_drives_the_whole_loop(pat_stack):
     project, truth = new_project(pat_stack, "e2e weather (PAT)", n=60, uploads=6)
     cold = pat_stack.wait_idle_version(project, "the cold-start job (PAT)", newer_than=set())
     assert cold["model_version"].startswith("coldstart-")
-    assert pat_stack.api.model_versions(project).get(cold["model_version"]) == 60
+    assert pat_stack.api.model_versions(project).get(cold["model_version"]) == 60  # < QUEUE_DEPTH
 
     labeled = spread_labels(truth, 9)
     for task, label in labeled:

@@ -70,3 +70,11 @@ def wait_for_release(project_id, reason, *, settings, redis, status, snapshot=No
     while not redis.exists("test:release") and time.monotonic() < deadline:
         time.sleep(0.05)
     return record(project_id, reason, settings=settings, redis=redis, status=status)
+
+
+def label_studio_down(project_id, reason, *, settings, redis, status, snapshot=None):
+    """Fail as a job does when Label Studio stays unreachable through every retry."""
+    from ml_backend.errors import LabelStudioUnavailable
+
+    redis.rpush(RAN_KEY, json.dumps({"project": project_id, "reason": reason}))
+    raise LabelStudioUnavailable("Label Studio at http://ls is unavailable (ConnectionError)")

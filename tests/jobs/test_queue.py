@@ -253,3 +253,30 @@ def test_heartbeat_renews_the_lease_and_restores_a_lost_marker(redis_conn, setti
     assert 0 < redis_conn.ttl(f"{LEASE_PREFIX}train-15-a") <= 3
     _running(redis_conn, 15, "train-15-b", lease=True, queue=settings.rq_queue)
     assert markers.heartbeat(15, "train-15-a", settings.rq_queue, 3) == "lost"
+
+
+def test_a_job_that_found_label_studio_down_runs_again_with_backoff(redis_conn, settings):
+    settings = settings.with_overrides(job_retry_s=1.0)
+    q.request_training(redis_conn, settings, 16, "ANNOTATION_CREATED", fixtures.label_studio_down)
+    work(redis_conn, settings)
+    status = q.live_status(redis_conn, 16)
+    assert status["last_job"]["outcome"] == "failed"
+    assert "retrying in 1 s" in status["last_job"]["error"]
+    reconciler = Reconciler(redis_conn, settings)
+    assert reconciler.run_once() == [], "not before the delay"
+    time.sleep(1.1)
+    (done,) = reconciler.run_once()
+    assert done["project"] == 16 and reconciler.run_once() == [], "enqueued once"
+    (job,) = queued(redis_conn, settings)
+    assert job.args == (16, "retry", None), "the retry runs the training job"
+    # Label Studio is back: the retry succeeds (stand-in target) and nothing more is scheduled.
+    job.delete()
+    redis_conn.delete(Keys.of(16).waiting)
+    q.request_training(redis_conn, settings, 16, "retry", RECORD)
+    work(redis_conn, settings)
+    assert not redis_conn.exists(Keys.of(16).retry)
+    # A second failure in a row waits twice as long.
+    q.request_training(redis_conn, settings, 16, "x", fixtures.label_studio_down)
+    q.request_training(redis_conn, settings, 16, "x", fixtures.label_studio_down)
+    work(redis_conn, settings)
+    assert "retrying in 1 s" in q.live_status(redis_conn, 16)["last_job"]["error"]

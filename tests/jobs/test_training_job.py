@@ -155,11 +155,11 @@ def test_cold_start_orders_the_pool_without_preannotations(world, job_settings, 
     assert out["outcome"] == "cold start (no labels yet)"
     version = out["model_version"]
     assert version.startswith("coldstart-")
-    assert client.calls[:2] == [("import", version, 150), ("activate", version)]
+    assert client.calls[:2] == [("import", version, 100), ("activate", version)]
     # Nothing changed since: the next job publishes nothing.
     again = run(job_settings, client, cache, status, reason="START_TRAINING")
     assert again["outcome"].startswith("unchanged") and again["model_version"] is None
-    assert [c for c in client.calls if c[0] == "import"] == [("import", version, 150)]
+    assert [c for c in client.calls if c[0] == "import"] == [("import", version, 100)]
     preds = [p for (t, v), p in client.predictions.items() if v == version]
     assert all(p["result"] == [] for p in preds)
     first = min(preds, key=lambda p: p["score"])
@@ -247,7 +247,7 @@ def test_old_versions_stay_for_the_grace_period(world, job_settings, redis_conn)
     assert not [c for c in client.calls if c[0] == "delete"]
     assert set(client.model_versions(1)) == {cold, "resnet18-v1", "resnet18-v2"}
     assert out["metrics"]["versions_in_label_studio"] == 3
-    assert out["metrics"]["prediction_rows"] == 150 + 120 + 119
+    assert out["metrics"]["prediction_rows"] == 100 + 100 + 100  # QUEUE_DEPTH each
     # Superseded for longer than PREDICTION_GRACE: deleted at the next publish.
     tasks[41]["annotations"] = [choice(labels[41])]
     out = run(job_settings.with_overrides(prediction_grace=0.0), client, cache, status)

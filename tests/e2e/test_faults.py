@@ -1,0 +1,117 @@
+"""Faults with the real parts: Redis restarted mid-job, Label Studio stopped during a job.
+
+Each runs the backend as users do (``serve`` + ``worker``) against a real Label Studio 1.23.2,
+breaks one part while a retrain runs, and checks that nothing is lost: the previous version
+serves until a version trained on every label goes live, without anyone doing anything. (A
+worker killed with SIGKILL mid-job is in ``tests/jobs/test_worker.py``; Label Studio capping its
+page size and a renamed ``<Choices>`` in ``tests/labelstudio/test_live_faults.py``.)
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from e2e_support import backend_env, new_project, running_stack, spread_labels, wait_for
+
+from ml_backend.demo_project import LabelStudioAPI
+from ml_backend.local_services import LabelStudioServer, RedisProcess, tail
+
+pytestmark = pytest.mark.e2e
+
+FAST = {
+    "IMAGE_SIZE": "32",
+    "BATCH_SIZE": "8",
+    "QUEUE_BATCH": "5",
+    "JOB_LEASE_S": "6",
+    "RECONCILE_S": "2",
+    "JOB_RETRY_S": "5",
+}
+
+
+def wait_for_stage(stack, project: int, stage: str, timeout_s: float = 120) -> None:
+    def check():
+        status = stack.status(project) or {}
+        return status.get("state") == "running" and status["progress"].get("stage") == stage
+
+    wait_for(check, f"the job to reach {stage!r}", timeout_s, stack.logs)
+
+
+def test_redis_restarted_mid_job_loses_nothing(label_studio, ls_api, e2e_dir):
+    redis = RedisProcess(e2e_dir / "redis-restarted").start()
+    env = backend_env(label_studio, redis.url, e2e_dir / "models-redis", label_studio.token)
+    env.update(FAST, EPOCHS="60")  # a retrain long enough to restart Redis in the middle
+    try:
+        with running_stack(label_studio, ls_api, env, e2e_dir / "logs-redis", "backend") as stack:
+            project, truth = new_project(stack, "redis restart", n=60, uploads=0)
+            cold = stack.wait_idle_version(project, "the cold start", newer_than=set())
+            labeled = spread_labels(truth, 9)
+            for task, label in labeled:
+                stack.api.annotate(task, label)
+            wait_for_stage(stack, project, "training")
+            redis.stop()  # all queue state, markers and status are gone
+            redis.start()
+            extra = next(t for t in sorted(truth) if t not in dict(labeled))
+            stack.api.annotate(extra, truth[extra])  # a label right after the restart
+            final = stack.wait_idle_version(
+                project, "the version trained on every label", {cold["model_version"]}, labels=10
+            )
+            assert stack.api.project(project)["model_version"] == final["model_version"]
+            assert stack.backend.alive(), "the worker and web app survive a Redis restart"
+    finally:
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stoppable_ls(e2e_dir, missing_real_part):
+    """A Label Studio of this module's own: the test stops and restarts it."""
+    server = LabelStudioServer(e2e_dir / "label-studio-stoppable")
+    try:
+        server.start()
+    except Exception as exc:
+        server.stop()
+        pytest.fail(f"Label Studio did not start: {exc}\n{tail(server.log_path)}")
+    yield server
+    server.stop()
+
+
+def test_label_studio_down_during_a_job_retries_when_it_is_back(stoppable_ls, e2e_dir):
+    ls = stoppable_ls
+    api = LabelStudioAPI(ls.url, ls.token)
+    redis = RedisProcess(e2e_dir / "redis-ls-down").start()
+    env = backend_env(ls, redis.url, e2e_dir / "models-ls-down", ls.token)
+    env.update(FAST, EPOCHS="40")
+    try:
+        with running_stack(ls, api, env, e2e_dir / "logs-ls-down", "backend") as stack:
+            project, truth = new_project(stack, "label studio down", n=60, uploads=0)
+            cold = stack.wait_idle_version(project, "the cold start", newer_than=set())
+            labeled = spread_labels(truth, 9)
+            for task, label in labeled:
+                api.annotate(task, label)
+            wait_for_stage(stack, project, "training")
+            ls.stop()  # the push that follows the training finds no Label Studio
+
+            def failed():
+                last = (stack.status(project) or {}).get("last_job") or {}
+                return last.get("outcome") == "failed" and last
+
+            last = wait_for(failed, "the job to give up on Label Studio", 120, stack.logs)
+            assert "LabelStudioUnavailable" in last["error"] and "retrying in" in last["error"]
+            assert (stack.status(project) or {})["model_version"] == cold["model_version"]
+            time.sleep(3)
+            ls.start()
+            assert api.project(project)["model_version"] == cold["model_version"], (
+                "the failed job never switched the project"
+            )
+            final = stack.wait_idle_version(
+                project,
+                "the retry once Label Studio is back",
+                {cold["model_version"]},
+                labels=9,
+                allow_failures=True,
+            )
+            assert api.project(project)["model_version"] == final["model_version"]
+            reasons = [j["reason"] for j in stack.finished_jobs(project, allow_failures=True)]
+            assert "retry" in reasons, reasons
+    finally:
+        redis.stop()
