@@ -13,6 +13,7 @@ import time
 
 import pytest
 from e2e_support import backend_env, new_project, running_stack, spread_labels, wait_for
+from faulty_proxy import FaultyProxy
 
 from ml_backend.demo_project import LabelStudioAPI
 from ml_backend.local_services import LabelStudioServer, RedisProcess, tail
@@ -113,5 +114,36 @@ def test_label_studio_down_during_a_job_retries_when_it_is_back(stoppable_ls, e2
             assert api.project(project)["model_version"] == final["model_version"]
             reasons = [j["reason"] for j in stack.finished_jobs(project, allow_failures=True)]
             assert "retry" in reasons, reasons
+    finally:
+        redis.stop()
+
+
+def test_a_failing_queue_view_after_the_switch_keeps_the_new_version(label_studio, ls_api, e2e_dir):
+    def views(method: str, path: str) -> int | None:  # only the Data Manager views API fails
+        return 500 if path.startswith("/api/dm/views") else None
+
+    redis = RedisProcess(e2e_dir / "redis-views").start()
+    models = e2e_dir / "models-views"
+    try:
+        with FaultyProxy(label_studio.url, views) as proxy:
+            env = backend_env(label_studio, redis.url, models, label_studio.token)
+            env.update(FAST, EPOCHS="5", LABEL_STUDIO_URL=proxy.url)
+            with running_stack(
+                label_studio, ls_api, env, e2e_dir / "logs-views", "backend"
+            ) as stack:
+                project, truth = new_project(stack, "failing view", n=60, uploads=0)
+                cold = stack.wait_idle_version(project, "the cold start", newer_than=set())
+                for task, label in spread_labels(truth, 9):
+                    ls_api.annotate(task, label)
+                trained = stack.wait_idle_version(
+                    project, "the retrain", {cold["model_version"]}, labels=9
+                )
+                version = trained["model_version"]
+                assert ls_api.project(project)["model_version"] == version
+                (job,) = [j for j in stack.finished_jobs(project) if j["model_version"] == version]
+                warnings = job["metrics"]["publish_warnings"]
+                assert any(w.startswith("queue view: LabelStudioUnavailable") for w in warnings)
+                assert (models / str(project) / version / "weights.pt").is_file()
+                assert proxy.failed, "the fault was injected"
     finally:
         redis.stop()
