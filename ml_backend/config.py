@@ -76,12 +76,12 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "uncertain tasks.",
     ),
     "AUTO_LABELS_PER_CLASS": (
-        "10",
+        "20",
         "auto: switch from typicality to diversified once there are this many labels per class "
         "on average (and the model's accuracy evidence reaches AUTO_MIN_ACCURACY).",
     ),
     "AUTO_MIN_ACCURACY": (
-        "0",
+        "0.9",
         "auto: validation (or pre-annotation acceptance) accuracy the model needs before the "
         "switch, 0 to 1; ignored from 4 x AUTO_LABELS_PER_CLASS labels per class on.",
     ),
@@ -174,8 +174,8 @@ class Settings:
     uncertainty: str = "entropy"
     queue_batch: int = 20
     shortlist_factor: int = 5
-    auto_labels_per_class: float = 10.0
-    auto_min_accuracy: float = 0.0
+    auto_labels_per_class: float = 20.0
+    auto_min_accuracy: float = 0.9
     keep_versions: int = 3
     min_labels: int = 2
     max_request_bytes: int = 50 * 1024 * 1024

@@ -35,8 +35,8 @@ import numpy as np
 
 from ml_backend.errors import SelectionInputError
 
-AUTO_LABELS_PER_CLASS = 10.0
-AUTO_MIN_ACCURACY = 0.0
+AUTO_LABELS_PER_CLASS = 20.0
+AUTO_MIN_ACCURACY = 0.9
 EVIDENCE_KEYS = ("labels_per_class", "val_accuracy", "acceptance")
 _HARD_FACTOR = 4
 

@@ -7,8 +7,8 @@ computed tile by tile: no ``N x k`` matrix beyond one tile of ``2**24`` numbers,
 Cost: seeding is greedy k-means++ (as scikit-learn's: ``2 + ln k`` candidates per centre, the one
 that lowers the inertia most is kept) on at most ``max(4096, 16 k)`` rows, ``O(k^2 log k d)`` on
 that sample. Lloyd iterations run on at most ``fit_rows`` rows (a seeded sample of a larger pool),
-``O(fit_rows k d)`` each, until no assignment changes or ``max_iter``; a larger pool is then
-assigned to the final centres in one ``O(N k d)`` pass. Memory: one centred copy of the input
+``O(fit_rows k d)`` each, until at most 0.1% of the rows change group or ``max_iter``; a larger
+pool is then assigned to the final centres in one ``O(N k d)`` pass. Memory: one centred copy of the input
 (float32, or float64 for float64 input), ``k x d`` float64 sums, one tile.
 
 An empty cluster is re-seeded at the row farthest from its centre (exact duplicates can still
@@ -27,6 +27,7 @@ from ml_backend.errors import SelectionInputError
 from ml_backend.selection.kcenter import _as_tensor, _exact_matmul, _resolve_device
 
 _TILE_ELEMENTS = 2**24  # cap on one temporary tile (64 MiB in float32)
+_SETTLED = 1e-3  # Lloyd stops when at most this share of the rows changed group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +56,8 @@ def kmeans(
     *,
     seed: int | None = 0,
     device=None,
-    max_iter: int = 30,
-    fit_rows: int = 100_000,
+    max_iter: int = 20,
+    fit_rows: int = 50_000,
 ) -> KMeansResult:
     """Cluster the rows of ``embeddings`` into ``min(n_clusters, N)`` groups.
 
@@ -94,11 +95,10 @@ def kmeans(
         init_n = min(len(fit), max(4096, 16 * k))
         init = fit if init_n == len(fit) else fit[_sample(rng, len(fit), init_n, dev)]
         centres = _kmeans_pp(init, k, rng)
-        labels, centres, iterations = _lloyd(fit, centres, max_iter)
+        labels, centres, iterations, min_d2 = _lloyd(fit, centres, max_iter)
         if fit is not xc:
-            labels, _ = _assign(xc, centres)
+            labels, min_d2 = _assign(xc, centres)
         sizes = torch.bincount(labels, minlength=k)
-        min_d2 = _assign(xc, centres)[1]
     return KMeansResult(
         labels=labels.cpu().numpy().astype(np.int64),
         centroids=centres.double().cpu().numpy() + mean,
@@ -186,7 +186,11 @@ def _assign(x: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int):
-    """Lloyd iterations until no assignment changes; returns ``(labels, centres, iterations)``."""
+    """Lloyd iterations until at most ``_SETTLED`` of the rows change group (or ``max_iter``).
+
+    Returns ``(labels, centres, iterations, squared distance of each row to its centre)``, the
+    labels being the assignment to the returned centres.
+    """
     k, d = centres.shape
     labels, min_d2 = _assign(x, centres)
     step = max(1, _TILE_ELEMENTS // max(d, 1))
@@ -203,7 +207,8 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int):
             new[empty[: len(far)]] = x[far]
         centres = new
         new_labels, min_d2 = _assign(x, centres)
-        if torch.equal(new_labels, labels):
-            break
+        changed = int((new_labels != labels).sum())
         labels = new_labels
-    return labels, centres, iterations
+        if changed <= _SETTLED * len(x):
+            break
+    return labels, centres, iterations, min_d2

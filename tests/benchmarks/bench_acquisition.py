@@ -15,8 +15,9 @@ Before two classes are labeled there is no model (``probs=None``): the cold star
 of each strategy is what the job does today: ``coreset`` for random-free strategies that need a
 model (uncertainty, diversified; the job passes ``strategy="coreset"`` for its cold start),
 ``typicality`` for typicality, ``auto``'s own rule for auto, a permutation for random.
-``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` (and, with ``--auto-cv``, a
-5-fold cross-validated accuracy of the labeled set as ``val_accuracy``), as the job can pass it.
+``auto`` gets ``evidence={"labels_per_class": <counts per class>}``, which the job can pass today;
+``auto-cv`` is ``auto`` with, in addition, a 5-fold cross-validated accuracy of the labeled set as
+``val_accuracy`` (a stand-in for the model-quality work's validation accuracy).
 
 The model is pluggable (``--model NAME`` or ``--model package.module:factory``): a factory
 ``factory(x_raw, n_classes, seed)`` returns an object with ``embeddings() -> [N, d]`` (used before
@@ -55,7 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ml_backend.selection import rank, typicality_order  # noqa: E402
 
-STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto")
+STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto", "auto-cv")
 COLD_START = {"uncertainty": "coreset", "diversified": "coreset"}  # what the job does today
 REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500)
 
@@ -151,11 +152,11 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         name = strategy if probs is not None else COLD_START.get(strategy, strategy)
         counts = np.bincount(y[pool][mask_pool], minlength=n_classes)
         evidence = {"labels_per_class": counts.tolist()}
-        if strategy == "auto" and args.auto_cv and probs is not None:
+        if strategy == "auto-cv" and probs is not None:
             evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
         t0 = time.perf_counter()
         r = rank(
-            name,
+            "auto" if name == "auto-cv" else name,
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
             labeled_mask=mask_pool,
@@ -353,7 +354,6 @@ def main() -> None:
     ap.add_argument("--model", default="logreg-pca")
     ap.add_argument("--auto-labels-per-class", type=float, default=None)
     ap.add_argument("--auto-min-accuracy", type=float, default=None)
-    ap.add_argument("--auto-cv", action="store_true", help="give auto a cross-validated accuracy")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="folder for <dataset>_rounds.csv, summary, plot")
     ap.add_argument("--tag", default="acquisition", help="file name prefix in --out")
@@ -406,7 +406,7 @@ def main() -> None:
             f"{dataset}: {len(y):,} images, pool {len(pool):,}, test {len(test):,}; "
             f"{args.seeds} seeds; batch {args.batch}; model: {getattr(model, 'name', args.model)}; "
             f"auto: AUTO_LABELS_PER_CLASS={args.auto_labels_per_class:g}, "
-            f"AUTO_MIN_ACCURACY={args.auto_min_accuracy:g}{', CV accuracy' if args.auto_cv else ''}"
+            f"AUTO_MIN_ACCURACY={args.auto_min_accuracy:g}"
             f"; {wall:.0f} s"
         )
         table = summarise(rows, strategies, REPORT_BUDGETS)
