@@ -28,6 +28,8 @@ from ml_backend.selection.kcenter import _as_tensor, _exact_matmul, _resolve_dev
 
 _TILE_ELEMENTS = 2**24  # cap on one temporary tile (64 MiB in float32)
 _SETTLED = 1e-3  # Lloyd stops when at most this share of the rows changed group
+MAX_ITER = 20  # most Lloyd iterations
+FIT_ROWS = 50_000  # larger pools fit the centres on a sample of this many rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,8 @@ def kmeans(
     *,
     seed: int | None = 0,
     device=None,
-    max_iter: int = 20,
-    fit_rows: int = 50_000,
+    max_iter: int = MAX_ITER,
+    fit_rows: int = FIT_ROWS,
 ) -> KMeansResult:
     """Cluster the rows of ``embeddings`` into ``min(n_clusters, N)`` groups.
 
@@ -85,20 +87,26 @@ def kmeans(
     n, d = x.shape
     if n == 0:
         return KMeansResult(np.empty(0, np.int64), np.empty((0, d)), np.empty(0, np.int64), 0.0, 0)
-    k = int(min(n_clusters, n))
     dev = _resolve_device(device)
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    rng = np.random.default_rng(seed)
     with _exact_matmul(dev):
         xc, mean = centred_copy(x, dev, dtype)
-        fit = xc if n <= fit_rows else xc[_sample(rng, n, fit_rows, dev)]
-        init_n = min(len(fit), max(4096, 16 * k))
-        init = fit if init_n == len(fit) else fit[_sample(rng, len(fit), init_n, dev)]
-        centres = _kmeans_pp(init, k, rng)
-        labels, centres, iterations, min_d2 = _lloyd(fit, centres, max_iter)
-        if fit is not xc:
-            labels, min_d2 = _assign(xc, centres)
-        sizes = torch.bincount(labels, minlength=k)
+        return kmeans_centred(xc, mean, int(n_clusters), seed, max_iter, fit_rows)
+
+
+def kmeans_centred(xc, mean, n_clusters: int, seed, max_iter: int, fit_rows: int) -> KMeansResult:
+    """:func:`kmeans` on rows already centred (by ``centred_copy``) and validated."""
+    n, k = len(xc), int(min(n_clusters, len(xc)))
+    rng = np.random.default_rng(seed)
+    fit = xc if n <= fit_rows else xc[_sample(rng, n, fit_rows, xc.device)]
+    init_n = min(len(fit), max(4096, 16 * k))
+    init = fit if init_n == len(fit) else fit[_sample(rng, len(fit), init_n, xc.device)]
+    centres = _kmeans_pp(init, k, rng)
+    labels, centres, iterations, min_d2 = _lloyd(fit, centres, max_iter)
+    del fit, init
+    if n > fit_rows:
+        labels, min_d2 = _assign(xc, centres)
+    sizes = torch.bincount(labels, minlength=k)
     return KMeansResult(
         labels=labels.cpu().numpy().astype(np.int64),
         centroids=centres.double().cpu().numpy() + mean,

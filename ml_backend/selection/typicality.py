@@ -32,12 +32,18 @@ import torch
 
 from ml_backend.errors import SelectionInputError
 from ml_backend.selection.kcenter import _as_indices, _as_tensor, _exact_matmul, _resolve_device
-from ml_backend.selection.kmeans import _TILE_ELEMENTS, centred_copy, kmeans
+from ml_backend.selection.kmeans import (
+    _TILE_ELEMENTS,
+    FIT_ROWS,
+    MAX_ITER,
+    centred_copy,
+    kmeans_centred,
+)
 
 MAX_CLUSTERS = 500  # as the TypiClust reference code: beyond it k-means costs more than it helps
 NEIGHBOURS = 20  # k of the k-NN density (the paper's value)
 MIN_CLUSTER_SIZE = 5  # smaller groups come last (the reference code drops them)
-REFERENCE_ROWS = 4096  # neighbours are searched among at most this many rows of a group
+REFERENCE_ROWS = 1024  # neighbours are searched among at most this many rows of a group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +105,25 @@ def typicality_order(
     for name, value, low in (("batch", batch, 1), ("max_clusters", max_clusters, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise SelectionInputError(f"{name} must be a whole number >= {low}, got {value!r}")
-    if clusters is None:
-        k = int(min(len(labeled) + batch, max_clusters, max(n, 1)))
-        labels = kmeans(x, k, seed=seed, device=device).labels
-    else:
+    _check_neighbours(neighbours)
+    if clusters is not None:
         labels = np.asarray(clusters, dtype=np.int64).reshape(-1)
         if labels.shape != (n,) or (n and labels.min() < 0):
             raise SelectionInputError(f"clusters must be {n} group ids >= 0, got {labels.shape}")
         k = int(labels.max()) + 1 if n else 0
-    typ = typicality_scores(x, labels, neighbours=neighbours, device=device, seed=seed)
+    dev = _resolve_device(device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with _exact_matmul(dev):
+        xc, mean = centred_copy(x, dev, dtype)  # one copy serves k-means and the neighbours
+        if clusters is None:
+            k = int(min(len(labeled) + batch, max_clusters, max(n, 1)))
+            labels = (
+                kmeans_centred(xc, mean, k, seed, MAX_ITER, FIT_ROWS).labels
+                if n
+                else np.empty(0, np.int64)
+            )
+        typ = _scores_centred(xc, labels, neighbours, REFERENCE_ROWS, seed)
+    del xc
     is_labeled = np.zeros(n, dtype=bool)
     is_labeled[labeled] = True
     sizes = np.bincount(labels, minlength=k)
@@ -157,26 +173,33 @@ def typicality_scores(
     Returns:
         ``float64 [N]``; 0 for a group of one; up to ``1e12`` for a row with ``k`` exact duplicates.
     """
+    _check_neighbours(neighbours)
+    x = _as_tensor(embeddings)
+    dev = _resolve_device(device)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    with _exact_matmul(dev):
+        xc, _ = centred_copy(x, dev, dtype)
+        return _scores_centred(
+            xc, np.asarray(clusters, dtype=np.int64), neighbours, reference_rows, seed
+        )
+
+
+def _check_neighbours(neighbours) -> None:
     if isinstance(neighbours, bool) or not isinstance(neighbours, (int, np.integer)):
         raise SelectionInputError(f"neighbours must be a whole number >= 1, got {neighbours!r}")
     if neighbours < 1:
         raise SelectionInputError(f"neighbours must be a whole number >= 1, got {neighbours!r}")
-    x = _as_tensor(embeddings)
-    labels = np.asarray(clusters, dtype=np.int64)
-    n = x.shape[0]
-    out = np.zeros(n)
-    if n == 0:
-        return out
-    dev = _resolve_device(device)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scores_centred(xc, labels: np.ndarray, neighbours: int, reference_rows: int, seed):
+    """:func:`typicality_scores` on rows already centred (by ``centred_copy``)."""
+    out = np.zeros(len(xc))
     rng = np.random.default_rng(seed)
     rows_by_group = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[rows_by_group])) + 1
-    with _exact_matmul(dev):
-        xc, _ = centred_copy(x, dev, dtype)
-        for members in np.split(rows_by_group, bounds):
-            if len(members) >= 2:
-                out[members] = _group_typicality(xc, members, neighbours, reference_rows, rng)
+    for members in np.split(rows_by_group, bounds):
+        if len(members) >= 2:
+            out[members] = _group_typicality(xc, members, neighbours, reference_rows, rng)
     return out
 
 

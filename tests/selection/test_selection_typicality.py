@@ -6,6 +6,7 @@ import importlib
 
 import numpy as np
 import pytest
+import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
@@ -213,3 +214,14 @@ def test_typicality_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(SelectionInputError, match=match):
         typicality_order(args.pop("embeddings"), args.pop("labeled_indices"), **args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    x, blob = make_blobs(4000, centers=12, n_features=32, random_state=9)
+    x = x.astype(np.float32)
+    cpu = typicality_order(x, [0, 1, 2], 9, device="cpu")
+    gpu = typicality_order(x, [0, 1, 2], 9, device="cuda")
+    assert adjusted_rand_score(cpu.cluster, gpu.cluster) == 1.0
+    np.testing.assert_allclose(cpu.typicality, gpu.typicality, rtol=1e-3)
+    np.testing.assert_array_equal(cpu.order[:9], gpu.order[:9])
