@@ -20,9 +20,12 @@ Rule, with ``T = auto_labels_per_class`` (setting ``AUTO_LABELS_PER_CLASS``) and
 
 Why labels per class: with a handful of labels per class the model's uncertainty points at the
 wrong images and density-based picks win (TypiClust's low-budget regime); once every class has
-enough examples, uncertainty plus diversity wins. The threshold comes from the measured crossover
-(``docs/selection.md``). Why the accuracy gate: the same number of labels per class means less on
-a harder task; a model that is still mostly wrong should not steer the queue by its uncertainty.
+enough examples, uncertainty plus diversity wins. Why the accuracy gate: where that happens
+depends on the task (measured: 15-30 labels per class on digits, 70-80 on MNIST-5k with a
+stand-in model; ``docs/selection.md``), and a model that is still often wrong should not steer the
+queue by its uncertainty. Caveat: accuracy measured on labels the queue chose is biased (high
+under typicality, low under diversified), so near ``A`` the choice can alternate between rounds;
+there is no hysteresis.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ import platform
 import resource
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ from ml_backend.selection import rank, typicality_order  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto", "auto-cv")
 COLD_START = {"uncertainty": "coreset", "diversified": "coreset"}  # what the job does today
-REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500)
+REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800)
 
 
 # ---------------------------------------------------------------- data and the stand-in model
@@ -264,7 +265,7 @@ def plot(rows, strategies, path: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("labels")
     ax.set_ylabel("test accuracy")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 100), fontsize=7)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
