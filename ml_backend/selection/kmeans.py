@@ -9,7 +9,7 @@ that lowers the inertia most is kept) on at most ``max(4096, 16 k)`` rows, ``O(k
 that sample. Lloyd iterations run on at most ``fit_rows`` rows (a seeded sample of a larger pool),
 ``O(fit_rows k d)`` each, until at most 0.1% of the rows change group or ``max_iter``; a larger
 pool is then assigned to the final centres in one ``O(N k d)`` pass. Memory: one centred copy of the input
-(float32, or float64 for float64 input), ``k x d`` float64 sums, one tile.
+(float32, or float64 for float64 input), ``k x d`` sums, one tile.
 
 An empty cluster is re-seeded at the row farthest from its centre (exact duplicates can still
 leave clusters empty when there are fewer distinct rows than clusters; they stay empty).
@@ -177,8 +177,11 @@ def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch.Tenso
     return x[torch.tensor(chosen, device=x.device)].clone()
 
 
-def _assign(x: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre of every row and the squared distance to it, tile by tile."""
+def _assign(x: torch.Tensor, centres: torch.Tensor, x_sq: torch.Tensor | None = None):
+    """Nearest centre of every row and the squared distance to it, tile by tile.
+
+    ``x_sq``: the rows' squared norms, when the caller has them (Lloyd reuses them).
+    """
     n, k = len(x), len(centres)
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     min_d2 = torch.empty(n, dtype=x.dtype, device=x.device)
@@ -189,7 +192,8 @@ def _assign(x: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch
         d2 = torch.addmm(c_sq[None, :], part, centres.T, alpha=-2.0)  # ||c||^2 - 2 x.c
         best = d2.min(dim=1)
         labels[s : s + step] = best.indices
-        min_d2[s : s + step] = (best.values + (part * part).sum(dim=1)).clamp_min_(0.0)
+        sq = (part * part).sum(dim=1) if x_sq is None else x_sq[s : s + step]
+        min_d2[s : s + step] = (best.values + sq).clamp_min_(0.0)
     return labels, min_d2
 
 
@@ -197,24 +201,23 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int):
     """Lloyd iterations until at most ``_SETTLED`` of the rows change group (or ``max_iter``).
 
     Returns ``(labels, centres, iterations, squared distance of each row to its centre)``, the
-    labels being the assignment to the returned centres.
+    labels being the assignment to the returned centres. Sums accumulate in the rows' dtype:
+    the rows are centred, so float32 loses nothing that moves a centroid measurably.
     """
     k, d = centres.shape
-    labels, min_d2 = _assign(x, centres)
-    step = max(1, _TILE_ELEMENTS // max(d, 1))
+    x_sq = (x * x).sum(dim=1)
+    labels, min_d2 = _assign(x, centres, x_sq)
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 (the count is returned)
-        sums = torch.zeros((k, d), dtype=torch.float64, device=x.device)
-        for s in range(0, len(x), step):
-            sums.index_add_(0, labels[s : s + step], x[s : s + step].double())
+        sums = torch.zeros((k, d), dtype=x.dtype, device=x.device).index_add_(0, labels, x)
         counts = torch.bincount(labels, minlength=k)
         empty = torch.nonzero(counts == 0).flatten()
-        new = (sums / counts.clamp_min(1)[:, None]).to(x.dtype)
+        new = sums / counts.clamp_min(1)[:, None].to(x.dtype)
         if len(empty):  # re-seed each empty cluster at one of the rows farthest from its centre
             far = torch.topk(min_d2, min(len(empty), len(x))).indices
             new[empty[: len(far)]] = x[far]
         centres = new
-        new_labels, min_d2 = _assign(x, centres)
+        new_labels, min_d2 = _assign(x, centres, x_sq)
         changed = int((new_labels != labels).sum())
         labels = new_labels
         if changed <= _SETTLED * len(x):

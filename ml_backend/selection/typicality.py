@@ -224,12 +224,13 @@ def _group_typicality(xc, members, neighbours, reference_rows, rng) -> np.ndarra
     step = max(1, _TILE_ELEMENTS // len(ref_pos))
     for s in range(0, m, step):
         part = rows[s : s + step]
-        d2 = torch.addmm(
-            ref_sq[None, :] + (part * part).sum(dim=1, keepdim=True), part, ref.T, alpha=-2.0
-        ).clamp_min_(0.0)
+        # ||r||^2 - 2 x.r: adding the row's own ||x||^2 does not change which r are nearest,
+        # so it is added to the k chosen values only
+        d2 = torch.addmm(ref_sq[None, :], part, ref.T, alpha=-2.0)
         own = self_col[s : s + step]
         hit = torch.nonzero(own >= 0).flatten()
         d2[hit, own[hit]] = torch.inf
         nearest = torch.topk(d2, k, dim=1, largest=False).values
-        mean_knn[s : s + step] = nearest.sqrt().double().mean(dim=1)
+        nearest += (part * part).sum(dim=1, keepdim=True)
+        mean_knn[s : s + step] = nearest.clamp_min_(0.0).sqrt().double().mean(dim=1)
     return (1.0 / (mean_knn + 1e-12)).cpu().numpy()
