@@ -16,7 +16,7 @@ from typing import Any
 
 from ml_backend.errors import ConfigError
 
-STRATEGIES = ("diversified", "uncertainty", "coreset", "random")
+STRATEGIES = ("diversified", "uncertainty", "coreset", "random", "typicality", "auto")
 UNCERTAINTY_MEASURES = ("entropy", "margin", "least_confidence")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -65,13 +65,27 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "SEED": ("0", "Random seed for splits, initialisation and augmentation."),
     "INFERENCE_BATCH_SIZE": ("256", "Batch size for whole-pool inference."),
-    "STRATEGY": ("diversified", "Queue order: diversified, uncertainty, coreset or random."),
+    "STRATEGY": (
+        "auto",
+        "Queue order: auto (typicality until the model is trusted, then diversified), "
+        "diversified, uncertainty, coreset, random or typicality.",
+    ),
     "UNCERTAINTY": ("entropy", "Uncertainty measure: entropy, margin or least_confidence."),
     "QUEUE_BATCH": ("20", "Size of the diversified batch at the top of the queue."),
     "SHORTLIST_FACTOR": (
         "5",
         "diversified: k-center picks the batch among the QUEUE_BATCH x SHORTLIST_FACTOR most "
         "uncertain tasks.",
+    ),
+    "AUTO_LABELS_PER_CLASS": (
+        "20",
+        "auto: switch from typicality to diversified once there are this many labels per class "
+        "on average (and the model's accuracy evidence reaches AUTO_MIN_ACCURACY).",
+    ),
+    "AUTO_MIN_ACCURACY": (
+        "0.9",
+        "auto: validation (or pre-annotation acceptance) accuracy the model needs before the "
+        "switch, 0 to 1; ignored from 4 x AUTO_LABELS_PER_CLASS labels per class on.",
     ),
     "KEEP_VERSIONS": ("3", "Model versions kept on disk per project (the newest ones)."),
     "QUEUE_DEPTH": (
@@ -281,10 +295,12 @@ class Settings:
     val_fraction: float = 0.2
     seed: int = 0
     inference_batch_size: int = 256
-    strategy: str = "diversified"
+    strategy: str = "auto"
     uncertainty: str = "entropy"
     queue_batch: int = 20
     shortlist_factor: int = 5
+    auto_labels_per_class: float = 20.0
+    auto_min_accuracy: float = 0.9
     keep_versions: int = 3
     queue_depth: int = 100
     prediction_grace: float = 86400.0
@@ -344,6 +360,10 @@ class Settings:
             uncertainty=_choice("UNCERTAINTY", get("UNCERTAINTY"), UNCERTAINTY_MEASURES),
             queue_batch=_int("QUEUE_BATCH", get("QUEUE_BATCH"), minimum=1),
             shortlist_factor=_int("SHORTLIST_FACTOR", get("SHORTLIST_FACTOR"), minimum=1),
+            auto_labels_per_class=_float(
+                "AUTO_LABELS_PER_CLASS", get("AUTO_LABELS_PER_CLASS"), 0.1, 100_000
+            ),
+            auto_min_accuracy=_float("AUTO_MIN_ACCURACY", get("AUTO_MIN_ACCURACY"), 0.0, 1.0),
             keep_versions=_int("KEEP_VERSIONS", get("KEEP_VERSIONS"), minimum=1),
             queue_depth=_int("QUEUE_DEPTH", get("QUEUE_DEPTH"), minimum=1),
             prediction_grace=_float("PREDICTION_GRACE", get("PREDICTION_GRACE"), 0.0, 30 * 86400),

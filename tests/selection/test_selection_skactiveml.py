@@ -1,0 +1,121 @@
+"""Cross-check of typicality against scikit-activeml's TypiClust (the reference implementation).
+
+Where the two agree: given the same groups, the top batch is the same rows in the same order
+(each is the most typical row of the largest group without a label, typicality being
+``1 / mean distance to the k nearest neighbours in the group``). With their scikit-learn KMeans and
+our torch k-means on well separated data the groups, hence the picks, are the same too.
+
+Where they differ, on purpose (each has its test below):
+- ties (equal-size groups; with ``k = 1`` two mutual nearest neighbours, which have the same
+  typicality): scikit-activeml breaks them at random, we take the lower row;
+- a batch larger than the number of groups without a label: scikit-activeml then draws among all
+  candidates uniformly (typicality set to 1, and it may draw a row it already picked), we go on
+  round-robin: the most typical unlabeled row of the group with the fewest labeled or queued rows;
+- groups smaller than ``MIN_CLUSTER_SIZE`` come last here (as in the TypiClust authors' code,
+  which drops them); scikit-activeml treats them like any other group.
+ProbCover and BADGE are not implemented here, so there is nothing to cross-check for them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ml_backend.selection import kmeans, typicality_order
+
+skactiveml_pool = pytest.importorskip("skactiveml.pool")
+
+
+class GivenGroups:
+    """A scikit-learn-style clusterer that returns precomputed groups (same input for both)."""
+
+    def __init__(self, n_clusters=None, groups=None, random_state=None):
+        self.groups = groups
+
+    def fit_predict(self, x):
+        return self.groups
+
+
+def reference(x, labeled, batch, groups=None, k=5, seed=0):
+    y = np.full(len(x), np.nan)
+    y[labeled] = 0
+    if groups is None:
+        qs = skactiveml_pool.TypiClust(random_state=seed, k=k)
+    else:
+        qs = skactiveml_pool.TypiClust(
+            random_state=seed, k=k, cluster_algo=GivenGroups, cluster_algo_dict={"groups": groups}
+        )
+    return qs.query(x, y, batch_size=batch)
+
+
+def distinct_size_blobs(seed, n_blobs=8, d=6):
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice(np.arange(12, 80), size=n_blobs, replace=False)  # all different
+    centres = rng.normal(size=(n_blobs, d)) * 3  # overlapping: k-means groups are not the blobs
+    x = np.concatenate([c + rng.normal(size=(s, d)) for c, s in zip(centres, sizes, strict=True)])
+    return x, rng
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_same_groups_same_picks_in_the_same_order(seed):
+    x, rng = distinct_size_blobs(seed)
+    labeled = rng.choice(len(x), size=int(rng.integers(0, 6)), replace=False)
+    batch = int(rng.integers(1, 6))
+    groups = kmeans(x, len(labeled) + batch, seed=seed, device="cpu").labels
+    sizes = np.bincount(groups)
+    uncovered = np.setdiff1d(np.arange(len(sizes)), groups[labeled])
+    if len(set(sizes[uncovered])) < len(uncovered):
+        pytest.skip("two uncovered groups of equal size: tie broken differently (tested below)")
+    ours = typicality_order(
+        x, labeled, batch, neighbours=5, min_cluster_size=1, clusters=groups, device="cpu"
+    )
+    np.testing.assert_array_equal(ours.order[:batch], reference(x, labeled, batch, groups))
+
+
+@pytest.mark.parametrize("k", [2, 3, 20])
+def test_neighbour_counts_agree(k):
+    # (k = 1 is left out: two mutual nearest neighbours tie exactly, see the equal-size case)
+    x, rng = distinct_size_blobs(11)
+    groups = kmeans(x, 6, seed=0, device="cpu").labels
+    ours = typicality_order(x, [], 6, neighbours=k, min_cluster_size=1, clusters=groups)
+    np.testing.assert_array_equal(ours.order[:6], reference(x, [], 6, groups, k=k))
+
+
+def test_their_kmeans_and_ours_agree_on_separated_blobs():
+    rng = np.random.default_rng(3)
+    sizes = [70, 55, 40, 30, 20]
+    x = np.concatenate(
+        [c * 25 + rng.normal(size=(s, 4)) for c, s in zip(np.eye(5, 4), sizes, strict=True)]
+    )
+    labeled = [0, 71]  # one label in each of the two largest blobs
+    ours = typicality_order(x, labeled, 3, neighbours=5, device="cpu")
+    np.testing.assert_array_equal(ours.order[:3], reference(x, labeled, 3))
+
+
+def test_equal_size_groups_same_rows_other_order_possible():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(size=(30, 3)), rng.normal(size=(30, 3)) + 40])
+    groups = np.repeat([0, 1], 30)
+    ours = typicality_order(x, [], 2, neighbours=5, clusters=groups, device="cpu").order[:2]
+    for seed in range(5):
+        theirs = reference(x, [], 2, groups, seed=seed)
+        assert set(theirs) == set(ours)  # the same two rows; the order is their coin flip
+    assert ours.tolist()[0] < 30  # ours: the tie goes to the group of the lower row
+
+
+def test_batch_beyond_uncovered_groups():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(size=(40, 3)), rng.normal(size=(25, 3)) + 40])
+    groups = np.repeat([0, 1], [40, 25])
+    labeled = [0]  # group 0 is covered; only group 1 is not
+    ours = typicality_order(x, labeled, 3, neighbours=5, clusters=groups, device="cpu")
+    theirs = reference(x, labeled, 3, groups)
+    assert ours.order[0] == theirs[0]  # the one uncovered group: same most typical row
+    # then ours: group 0's most typical unlabeled row, then group 1's second (round-robin)
+    typ = ours.typicality
+    g0 = np.setdiff1d(np.arange(40), labeled)
+    assert ours.order[1] == g0[np.argmax(typ[g0])]
+    assert groups[ours.order[2]] == 1
+    # theirs: after the uncovered group, a uniform draw among all candidates, not by typicality
+    draws = {int(reference(x, labeled, 3, groups, seed=s)[1]) for s in range(6)}
+    assert len(draws) > 1
