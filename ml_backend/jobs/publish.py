@@ -36,6 +36,7 @@ import numpy as np
 
 from ml_backend.errors import BackendError
 from ml_backend.labelstudio.labels import LabelSpec, choice_result
+from ml_backend.selection import explain
 
 log = logging.getLogger(__name__)
 
@@ -228,15 +229,20 @@ def _explain(client, version: str, top: list[dict] | None) -> int:
     return written
 
 
-def queue_top(ranking, task_ids: np.ndarray, probs, predicted, n: int) -> list[dict]:
-    """Why the top ``n`` of the queue are there: rank, uncertainty, distance to the nearest
-    labeled image (None where not defined, e.g. the first cold-start pick), and with a model the
-    predicted label and its confidence."""
+def queue_top(
+    ranking, task_ids: np.ndarray, probs, predicted, n: int, class_names=None
+) -> list[dict]:
+    """Why the top ``n`` of the queue are there: rank, the rule that picked it (``reason`` code
+    and ``why`` in words), uncertainty, distance to the nearest labeled image (None where not
+    defined, e.g. the first cold-start pick), and with a model the predicted label and its
+    confidence."""
     top = []
     for position, row in enumerate(ranking.order[:n].tolist()):
         entry = {
             "task_id": int(task_ids[row]),
             "rank": position + 1,
+            "reason": str(ranking.reason[row]),
+            "why": explain(ranking, row, class_names=class_names, probs=probs),
             "uncertainty": _finite(ranking.uncertainty[row]),
             "distance": _finite(ranking.distance[row]),
         }

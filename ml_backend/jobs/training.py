@@ -55,7 +55,8 @@ FORCE_REASONS = ("refresh",)
 # Settings a model depends on / a published queue depends on (besides the labels and tasks).
 MODEL_KNOBS = ("epochs", "image_size", "batch_size", "learning_rate", "val_fraction", "seed",
                "pretrained")  # fmt: skip
-QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "queue_depth", "seed")
+QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "queue_depth", "seed",
+               "auto_labels_per_class", "auto_min_accuracy")  # fmt: skip
 
 
 def effective_settings(settings: Settings, params: dict | None) -> Settings:
@@ -245,7 +246,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     run.lap("train", t0)
 
     probs, embeddings = _predict_pool(run, model, pool)
-    ranking = _rank(run, pool, probs, embeddings)
+    ranking = _rank(run, pool, probs, embeddings, val_accuracy=metrics.get("val_accuracy"))
     predicted = [pool.label_names[i] for i in probs.argmax(axis=1)]
     version = store.next_version(run.project_id)
     metrics.update(
@@ -257,7 +258,10 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         skipped_tasks=len(pool.skipped),
         ignored_annotations=len(pool.label_problems),
         device=str(run.device),
-        queue_top=queue_top(ranking, pool.task_ids, probs, predicted, run.settings.queue_batch),
+        queue_decision=ranking.decision,
+        queue_top=queue_top(
+            ranking, pool.task_ids, probs, predicted, run.settings.queue_batch, pool.label_names
+        ),
     )
     path = store.save(
         run.project_id,
@@ -317,7 +321,7 @@ def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
             source,
         )
     _, embeddings = _predict_pool(run, model, pool)
-    ranking = _rank(run, pool, None, embeddings, strategy="coreset")
+    ranking = _rank(run, pool, None, embeddings)  # no model: the strategy's cold-start order
     version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = {
         "weights": source,
@@ -329,7 +333,10 @@ def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
         "pool_size": len(pool.task_ids),
         "skipped_tasks": len(pool.skipped),
         "device": str(run.device),
-        "queue_top": queue_top(ranking, pool.task_ids, None, None, run.settings.queue_batch),
+        "queue_decision": ranking.decision,
+        "queue_top": queue_top(
+            ranking, pool.task_ids, None, None, run.settings.queue_batch, pool.label_names
+        ),
     }
     _push(run, _predictions(run, pool, ranking, version, spec, None), version, None, metrics)
     return _finish(run, f"cold start ({why_not})", version, metrics)
@@ -357,11 +364,15 @@ def _predict_pool(run: _Run, model, pool: Pool):
     return probs, embeddings
 
 
-def _rank(run: _Run, pool: Pool, probs, embeddings, strategy=None):
+def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None):
+    """The queue order; ``auto`` decides from the labels per class and the validation accuracy."""
     t0 = time.monotonic()
     settings = run.settings
+    evidence = {"labels_per_class": pool.class_counts()}
+    if val_accuracy is not None:
+        evidence["val_accuracy"] = float(val_accuracy)
     ranking = rank(
-        strategy or settings.strategy,
+        settings.strategy,
         probs=probs,
         embeddings=embeddings,
         labeled_mask=pool.labeled_mask,
@@ -370,6 +381,9 @@ def _rank(run: _Run, pool: Pool, probs, embeddings, strategy=None):
         measure=settings.uncertainty,
         seed=settings.seed,
         device=run.device,
+        evidence=evidence,
+        auto_labels_per_class=settings.auto_labels_per_class,
+        auto_min_accuracy=settings.auto_min_accuracy,
     )
     run.lap("rank", t0)
     return ranking

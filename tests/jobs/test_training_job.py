@@ -164,6 +164,11 @@ def test_cold_start_orders_the_pool_without_preannotations(world, job_settings, 
     assert all(p["result"] == [] for p in preds)
     first = min(preds, key=lambda p: p["score"])
     assert out["metrics"]["queue_top"][0]["task_id"] == first["task"]
+    # Typical images first (not k-center's outliers), and the labeler is told why.
+    assert out["metrics"]["strategy"].startswith("typicality")
+    top = out["metrics"]["queue_top"][0]
+    assert top["reason"] == "typical" and top["why"].startswith("typical of a group of")
+    assert client.meta[first["task"]]["active_learning"]["why"] == top["why"]
     assert status.read_queue_top(1)[0]["task_id"] == first["task"]
     assert status.pretrained() == "none"
     assert ModelStore(job_settings.model_dir).latest(1) is None  # nothing trained
@@ -202,6 +207,9 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     assert queue[0] == out["metrics"]["queue_top"][0]["task_id"]
     explained = client.meta[queue[0]]["active_learning"]  # the "why" is visible in Label Studio too
     assert explained["rank"] == 1 and explained["model_version"] == "resnet18-v1"
+    assert explained["why"] and explained["reason"] in ("typical", "typical_again", "uncertain_far")
+    # 60 labels over 3 classes: 20 per class, but no validation accuracy of 0.9 yet.
+    assert out["metrics"]["queue_decision"].startswith("20.0 labels per class")
     assert 0 <= explained["uncertainty"] <= 1 and explained["distance"] >= 0
     assert sorted(p["score"] for p in preds.values()) == [round((i + 1) / 91, 8) for i in range(90)]
     info = ModelStore(job_settings.model_dir).latest(1)
