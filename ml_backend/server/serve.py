@@ -13,6 +13,7 @@ from gunicorn.app.base import BaseApplication
 
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError
+from ml_backend.labelstudio.connection import monitor_for
 from ml_backend.server.app import create_app
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,21 @@ class _Gunicorn(BaseApplication):
         return self.application
 
 
-def serve(settings: Settings, host: str | None = None, port: int = 9090, threads: int = 4) -> None:
+def serve(
+    settings: Settings,
+    host: str | None = None,
+    port: int = 9090,
+    threads: int = 4,
+    connection_log: str = "all",
+) -> None:
     """Serve the app with gunicorn until SIGTERM/SIGINT.
+
+    Checks Label Studio first and says what is wrong (``monitor_for``); serves either
+    way, re-checking in the background (``/health`` and the dashboard show the state).
 
     Args:
         host: address to listen on; None picks by ``listen_host`` (loopback without credentials).
+        connection_log: see ``monitor_for``.
 
     Raises:
         ConfigError: REDIS_URL is not set.
@@ -89,7 +100,7 @@ def serve(settings: Settings, host: str | None = None, port: int = 9090, threads
     host, note = listen_host(settings, host)
     if note:
         (log.warning if note.startswith("WARNING") else log.info)(note.removeprefix("WARNING: "))
-    app = create_app(settings)
+    app = create_app(settings, monitor=monitor_for(settings, connection_log, log))
     options = {
         "bind": f"{host}:{port}",
         "workers": 1,

@@ -37,6 +37,7 @@ def test_health(client):
         "model_class": "ResNet18ActiveLearner",
         "redis": "ok",
         "pretrained": {"setting": "none", "loaded": None},
+        "label_studio": "not configured",
     }
 
 
