@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from ml_backend.config import Settings
 from ml_backend.errors import BackendError, PayloadTooLarge, Unauthorized
 from ml_backend.labelstudio.connection import ConnectionMonitor
+from ml_backend.server.dashboard import dashboard_bp
 from ml_backend.server.metrics import Metrics
 from ml_backend.server.routes import bp
 
@@ -68,6 +69,7 @@ def create_app(
         "label_studio": monitor or ConnectionMonitor(settings),
     }
     app.register_blueprint(bp)
+    app.register_blueprint(dashboard_bp)
     _install_hooks(app, settings)
     _install_error_handlers(app)
     return app

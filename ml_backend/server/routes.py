@@ -175,18 +175,22 @@ def _train(project: int, action: str, metric_action: str):
 
 @bp.get("/status")
 def status_all():
-    """Every known project's status with its recent history."""
+    """Every known project's status with its recent history (``?history=N``, default 10, at
+    most 50) and the Label Studio connection check (``label_studio``)."""
+    n = _history_length()
     redis = _redis()
     store = StatusStore(redis)
-    projects = {str(p): _with_extras(store, redis, p) for p in store.projects()}
+    projects = {str(p): _with_extras(store, redis, p, n) for p in store.projects()}
     connection = _ext()["label_studio"].current().as_dict()
     return jsonify({"projects": projects, "label_studio": connection})
 
 
 @bp.get("/status/<project>")
 def status_one(project: str):
-    """One project's status with its recent history; 404 when nothing was ever recorded."""
+    """One project's status with its recent history (``?history=N``); 404 when nothing was ever
+    recorded."""
     project_id = parse_project_id(project)
+    n = _history_length()
     redis = _redis()
     store = StatusStore(redis)
     if project_id not in store.projects():
@@ -196,7 +200,7 @@ def status_one(project: str):
                 "connect the backend in Label Studio or POST /train"
             }
         ), 404
-    return jsonify(_with_extras(store, redis, project_id))
+    return jsonify(_with_extras(store, redis, project_id, n))
 
 
 def _history_length() -> int:
@@ -209,11 +213,11 @@ def _history_length() -> int:
     return int(raw)
 
 
-def _with_extras(store: StatusStore, redis, project: int) -> dict:
+def _with_extras(store: StatusStore, redis, project: int, history: int) -> dict:
     return {
         **live_status(redis, project),
         "queue_top": store.read_queue_top(project),
-        "history": store.history(project, _history_length()),
+        "history": store.history(project, history),
     }
 
 
