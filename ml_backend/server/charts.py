@@ -12,7 +12,8 @@ import math
 from markupsafe import Markup, escape
 
 WIDTH, HEIGHT = 460, 220
-MARGIN = {"left": 48, "right": 16, "top": 14, "bottom": 38}
+MARGIN = {"left": 48, "right": 20, "top": 14, "bottom": 38}
+MAX_NAMED_POINTS = 12  # more than this and the version names would overlap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,13 +25,15 @@ class Point:
     label: str
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering [low, high]."""
+def _ticks(low: float, high: float, count: int = 5, whole: bool = False) -> list[float]:
+    """About ``count`` round tick values covering [low, high] (whole numbers only if asked)."""
     if high <= low:
         return [low]
     raw = (high - low) / max(count - 1, 1)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    if whole:
+        step = max(1, math.ceil(step))
     first = math.floor(low / step) * step
     ticks, value = [], first
     while value <= high + step * 1e-9:
@@ -55,7 +58,9 @@ def line_chart(points: list[Point], *, x_label: str, y_label: str, css_class: st
     x_low, x_high = (min(xs), max(xs)) if xs else (0.0, 1.0)
     if x_high == x_low:
         x_low, x_high = max(0.0, x_low - 1), x_high + 1
-    x_ticks = [t for t in _ticks(x_low, x_high) if x_low <= t <= x_high] or [x_low, x_high]
+    whole = all(float(x).is_integer() for x in xs)
+    x_ticks = [t for t in _ticks(x_low, x_high, whole=whole) if x_low <= t <= x_high]
+    x_ticks = x_ticks or [x_low, x_high]
 
     def sx(x: float) -> float:
         return left + (x - x_low) / (x_high - x_low) * (right - left)
@@ -96,11 +101,19 @@ def line_chart(points: list[Point], *, x_label: str, y_label: str, css_class: st
         return Markup("".join(parts))
     path = " ".join(f"{sx(p.x):.1f},{sy(p.y):.1f}" for p in points)
     parts.append(f'<polyline class="line" points="{path}"/>')
+    named = len(points) <= MAX_NAMED_POINTS
     for p in points:
         title = f"{p.label}: {p.y:.1%} at {_number(p.x)} labels"
         parts.append(
             f'<circle class="point" cx="{sx(p.x):.1f}" cy="{sy(p.y):.1f}" r="4">'
             f"<title>{escape(title)}</title></circle>"
         )
+        if named:  # "v7" for "resnet18-v7"; the tooltip has the whole name
+            short = p.label.split()[0].rsplit("-", 1)[-1]
+            y = sy(p.y) - 8 if p.y < 0.9 else sy(p.y) + 16
+            parts.append(
+                f'<text class="point-label" x="{sx(p.x):.1f}" y="{y:.1f}" '
+                f'text-anchor="middle">{escape(short)}</text>'
+            )
     parts.append("</svg>")
     return Markup("".join(parts))
