@@ -20,6 +20,7 @@ run: venv
 # pytest exits 5 when it collected nothing; make turns that (like any failure) into an error.
 test: venv
 	bash scripts/install_chromium.sh
+	bash scripts/install_docker_compose.sh
 	bash scripts/install_label_studio.sh
 	$(PY) -m pytest -q || { status=$$?; [ $$status -ne 5 ] || echo "pytest collected no tests" >&2; exit $$status; }
 

@@ -1,13 +1,19 @@
-"""The deployment files hang together: docker-compose.yml, Dockerfile, .dockerignore.
+"""The deployment files hang together: docker-compose.yml, Dockerfile, .dockerignore, docs.
 
-Docker cannot run here, so these check what can be checked without it: the compose file parses,
-the services and their healthchecks exist, every setting given to the backend is a real one
-(``SETTINGS_DOC``), the commands are real CLI commands, and the Dockerfile copies what exists.
+Docker cannot run containers here, so these check what can be checked without it: Compose
+itself reads the file (``docker-compose config``, Debian's ``docker-compose`` package, which
+``make test`` installs through ``scripts/install_docker_compose.sh``) and refuses it without the
+required secrets; the services and their healthchecks exist, every setting given to the backend
+is a real one (``SETTINGS_DOC``), the commands are real CLI commands, the Dockerfile copies what
+exists, and every file the deployment files and docs point at is there.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,3 +128,86 @@ def test_dockerignore_keeps_local_state_out(dockerfile):
     assert {".git", ".venv", ".cache", "data", ".env"} <= ignored
     for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
         assert source not in ignored
+
+
+# -- Compose itself reads the file ------------------------------------------------------------
+
+SECRETS = {
+    "LABEL_STUDIO_TOKEN": "0123456789abcdef0123456789abcdef01234567",
+    "LABEL_STUDIO_PASSWORD": "compose-check-password",
+    "BASIC_AUTH_PASS": "compose-check-basic",
+}
+
+
+def _compose_command(missing_real_part) -> list[str]:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    docker = shutil.which("docker")
+    if (
+        docker
+        and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0
+    ):
+        return [docker, "compose"]
+    missing_real_part("docker-compose is not installed (bash scripts/install_docker_compose.sh)")
+
+
+def _compose_config(missing_real_part, tmp_path, *args, **env) -> subprocess.CompletedProcess:
+    empty = tmp_path / "empty.env"  # a developer's own .env must not change the result
+    empty.write_text("")
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env}
+    return subprocess.run(
+        [*_compose_command(missing_real_part), "--env-file", str(empty), "-f",
+         str(ROOT / "docker-compose.yml"), *args, "config"],
+        env=clean, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+
+
+def test_docker_compose_config_accepts_the_file(missing_real_part, tmp_path):
+    result = _compose_config(missing_real_part, tmp_path, "--profile", "cpu", **SECRETS)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert set(services) == {"redis", "web", "worker", "worker-cpu", "label-studio"}
+    web = services["web"]
+    assert web["environment"]["BASIC_AUTH_PASS"] == SECRETS["BASIC_AUTH_PASS"]
+    assert web["environment"]["LABEL_STUDIO_API_KEY"] == SECRETS["LABEL_STUDIO_TOKEN"]
+    port = web["ports"][0]  # "ip:host:container/tcp" (compose 1.x) or a mapping (2.x)
+    if isinstance(port, dict):
+        port = f"{port['host_ip']}:{port['published']}:{port['target']}"
+    assert port.startswith("127.0.0.1:9090:9090"), port
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
+    ls_env = services["label-studio"]["environment"]
+    assert ls_env["LABEL_STUDIO_USER_TOKEN"] == SECRETS["LABEL_STUDIO_TOKEN"]
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_docker_compose_refuses_to_start_without_a_secret(missing_real_part, tmp_path, missing):
+    env = {k: v for k, v in SECRETS.items() if k != missing}
+    result = _compose_config(missing_real_part, tmp_path, **env)
+    assert result.returncode != 0
+    assert f"set {missing}" in result.stderr, result.stderr
+
+
+# -- every file the deployment files and docs point at exists ---------------------------------
+
+_DOC_FILES = ("README.md", "docker-compose.yml", "Dockerfile", *(f"docs/{p.name}"
+              for p in (ROOT / "docs").glob("*.md")))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", _DOC_FILES)
+def test_links_and_named_paths_exist(name):
+    """Markdown links and "See docs/...": the kind of reference that pointed at a
+    docs/parts/deploy.md that does not exist."""
+    path = ROOT / name
+    text = path.read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    targets += re.findall(
+        r"(?<![\w/.-])((?:docs|scripts|tests|ml_backend)/[\w./-]+\.(?:md|sh|py))", text
+    )
+    for target in targets:
+        if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
+            continue
+        # Markdown links are relative to the file; paths named in prose, to the repository.
+        found = (path.parent / target).exists() or (ROOT / target).exists()
+        assert found, f"{name} points at {target}, which does not exist"
