@@ -13,7 +13,7 @@ import requests
 
 from ml_backend.config import Settings
 from ml_backend.labelstudio.connection import OK, UNAUTHORIZED, check_connection
-from ml_backend.local_services import free_port
+from ml_backend.local_services import RedisProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -68,11 +68,12 @@ def test_wrong_tampered_and_revoked_tokens_are_unauthorized(label_studio, ls_api
     assert revoked.state == UNAUTHORIZED, revoked.message
 
 
-def test_commands_say_the_token_is_wrong_and_keep_running(label_studio, e2e_redis, tmp_path):
+def test_commands_say_the_token_is_wrong_and_keep_running(label_studio, tmp_path):
+    redis = RedisProcess(tmp_path / "redis").start()  # its own: this worker must not touch others
     port = free_port()
     env = {
         "LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": WRONG,
-        "REDIS_URL": e2e_redis.url, "MODEL_DIR": str(tmp_path), "PRETRAINED": "none",
+        "REDIS_URL": redis.url, "MODEL_DIR": str(tmp_path), "PRETRAINED": "none",
         "RQ_QUEUE": "connection-check", "PATH": "/usr/bin:/bin",
     }  # fmt: skip
     serve = subprocess.Popen(
@@ -111,3 +112,4 @@ def test_commands_say_the_token_is_wrong_and_keep_running(label_studio, e2e_redi
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+        redis.stop()
