@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tools_support import IMAGE_SIZE, PROJECT  # noqa: F401
 
 from ml_backend.config import Settings
-
-PROJECT = 7
-IMAGE_SIZE = 32
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import IMAGE_SIZE, PROJECT
+from tools_support import IMAGE_SIZE, PROJECT
 
 from ml_backend.errors import ModelNotReady
 from ml_backend.tools.predict import find_images, predict_files, read_image

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import IMAGE_SIZE, PROJECT
+from tools_support import IMAGE_SIZE, PROJECT
 
 from ml_backend.tools.export import TOLERANCE, ExportCheckFailed, export_version
 from ml_backend.tools.predict import find_images, read_image
