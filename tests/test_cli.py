@@ -231,7 +231,7 @@ def test_run_says_it_listens_on_loopback_only_without_credentials(tmp_path):
             process.wait()
 
 
-# -- the Label Studio check at start (real Label Studio: tests/e2e/test_connection.py) ----------
+# -- the Label Studio check at start (real Label Studio: tests/e2e/test_connection_live.py) ----------
 
 
 def _closed_port() -> int:

@@ -1,6 +1,6 @@
 """The Label Studio connection check (``labelstudio.connection``) against real HTTP servers.
 
-A real Label Studio is in ``tests/e2e/test_connection.py`` (token accepted, a wrong legacy
+A real Label Studio is in ``tests/e2e/test_connection_live.py`` (token accepted, a wrong legacy
 token, a tampered personal access token, the commands' messages); here the answers Label
 Studio cannot be made to give on demand: a closed port, a host that does not resolve, another
 web server at the URL, an answer that never comes.

@@ -1,6 +1,6 @@
 """The dashboard page and its thumbnail route, on a real Redis, with a real HTTP server playing
 Label Studio for the thumbnails. The page in a real browser during a real retrain is in
-``tests/e2e/test_dashboard.py``."""
+``tests/e2e/test_dashboard_browser.py``."""
 
 from __future__ import annotations
 
