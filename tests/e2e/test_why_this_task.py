@@ -78,6 +78,7 @@ def test_the_labeling_page_says_why_the_task_was_served(stack, trained, client, 
     assert raw["data"][WHY_FIELD] == expected
     assert raw["meta"]["active_learning"]["model_version"] == version
 
+    admin.page.set_viewport_size({"width": 1280, "height": 1300})  # the choices in the shot
     served = admin.open_label_stream(project)
     assert served == first["task_id"], "Label All Tasks serves the queue's first task"
     header = admin.page.get_by_text(expected, exact=True)
