@@ -263,3 +263,24 @@ def test_thumbnail_follows_the_image_host_policy(thumb_client, redis_conn, ls):
     reply = thumb_client.get("/dashboard/thumbnail/3/11")
     assert reply.status_code == 422
     assert "169.254.169.254" in reply.get_json()["error"]
+
+
+def test_the_dashboard_does_not_load_torch(tmp_path, redis_url):
+    """The web process stays light: the page, /status and a thumbnail request import no torch."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from ml_backend.config import Settings
+from ml_backend.server import create_app
+app = create_app(Settings(redis_url={redis_url!r}, model_dir={str(tmp_path)!r}))
+client = app.test_client()
+assert client.get("/dashboard").status_code == 200
+assert client.get("/status").status_code == 200
+client.get("/dashboard/thumbnail/1/2")
+print("torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
