@@ -332,6 +332,10 @@ class Markers:
         keys = [Keys.of(project_id).retry]
         return float(_text(self._run(_RETRY_LATER, keys, [base_s, max_s, queue])))
 
+    def want_follow_up(self, project_id) -> None:
+        """Make the running job's end enqueue a follow-up (it was interrupted)."""
+        self.redis.set(Keys.of(project_id).dirty, "1")
+
     def clear_retry(self, project_id) -> None:
         """A job succeeded: no retry pending, and the next failure starts from ``base_s``."""
         self.redis.delete(Keys.of(project_id).retry)

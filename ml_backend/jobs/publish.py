@@ -7,8 +7,8 @@ Publishing has two parts:
    All Tasks" never sees a half-pushed version (tasks without a current-version prediction fall
    out of its uncertainty sampling).
 2. **Best effort** (a failure is logged and listed in ``publish_warnings``, and never undoes the
-   published version): the Data Manager queue tab, the "why this task" notes in task ``meta``,
-   and pruning old versions.
+   published version): the Data Manager queue tab, pruning old versions, and the "why this task"
+   notes (``labelstudio.why``).
 
 The pruning rule (why annotators never lose a submit): an annotation made in the labeling UI
 refers to the prediction its task was opened with (``parent_prediction``), and Label Studio
@@ -30,24 +30,15 @@ model's confidence (that is in ``/status``, the task meta and ``/predict``).
 from __future__ import annotations
 
 import logging
-import re
 
 import numpy as np
 
-from ml_backend.errors import BackendError
 from ml_backend.labelstudio.labels import LabelSpec, choice_result
+from ml_backend.labelstudio.why import write_task_notes
+from ml_backend.model.storage import is_backend_version, is_cold_start
 from ml_backend.selection import explain
 
 log = logging.getLogger(__name__)
-
-COLD_START_PREFIX = "coldstart-"
-_TRAINED = re.compile(r"^resnet18-v(\d+)$")
-META_KEY = "active_learning"
-
-
-def is_ours(version: str) -> bool:
-    """Whether a Label Studio prediction version was made by this backend."""
-    return bool(_TRAINED.match(version)) or version.startswith(COLD_START_PREFIX)
 
 
 def queue_rows(order: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +86,7 @@ def prunable_versions(
     return sorted(
         name
         for name in existing
-        if is_ours(name)
+        if is_backend_version(name)
         and name not in keep
         and name in superseded_since
         and now - superseded_since[name] >= grace
@@ -121,7 +112,9 @@ def publish(
         version: their version name.
         ledger: the StatusStore, which keeps when each version was superseded (None: never prune).
         grace: PREDICTION_GRACE in seconds.
-        explain: queue-top entries to write into task meta (``queue_top``), or None.
+        explain: queue-top entries to write into the tasks (``queue_top``): ``data.why_this_task``
+            (shown by the config's ``<Header>``) and ``meta.active_learning``; the text of the
+            previous top (read from ``ledger``) is cleared.
 
     Returns:
         counts for the status/metrics (pushed, deleted, rows left, warnings).
@@ -150,11 +143,19 @@ def publish(
         if previous and previous != version:
             ledger.mark_superseded(project_id, [previous], ledger.now())
     counts: dict = {"predictions_pushed": created, "predictions_sent": len(items)}
+    previous_top = ledger.read_queue_top(project_id) if ledger is not None else []
     warnings: list[str] = []
     for step, run in (
         ("queue view", lambda: client.ensure_queue_view(project_id)),
         ("pruning", lambda: counts.update(prune(client, project_id, version, ledger, grace))),
-        ("task notes", lambda: counts.update(explained_tasks=_explain(client, version, explain))),
+        (
+            "task notes",
+            lambda: counts.update(
+                explained_tasks=write_task_notes(
+                    client, explain or [], version, previous_top, cold_start=is_cold_start(version)
+                )
+            ),
+        ),
     ):
         try:
             run()
@@ -185,7 +186,7 @@ def _switch(client, project_id: int, version: str) -> None:
 def prune(client, project_id: int, current: str, ledger, grace: float) -> dict:
     """Delete our versions superseded for ``grace`` seconds; report what is left."""
     existing = client.model_versions(project_id)
-    ours = [name for name in existing if is_ours(name)]
+    ours = [name for name in existing if is_backend_version(name)]
     if ledger is None:
         return {"versions_in_label_studio": len(ours), "versions_deleted": []}
     shown = client.project(project_id).get("model_version")
@@ -203,30 +204,6 @@ def prune(client, project_id: int, current: str, ledger, grace: float) -> dict:
         "versions_in_label_studio": len(ours) - len(doomed),
         "prediction_rows": sum(existing[n] for n in ours if n not in doomed),
     }
-
-
-def _explain(client, version: str, top: list[dict] | None) -> int:
-    """Write why each top-of-queue task is there into its ``meta`` (visible in Label Studio).
-
-    The entry names the version, so a task that has since dropped out of the top is recognisable.
-    """
-    written = 0
-    for entry in top or []:
-        meta = {
-            META_KEY: {
-                "model_version": version,
-                **{k: v for k, v in entry.items() if k != "task_id"},
-            }
-        }
-        try:
-            client.update_task_meta(entry["task_id"], meta)
-        except BackendError as exc:
-            log.warning(
-                "could not write the queue explanation into task %s: %s", entry["task_id"], exc
-            )
-            break
-        written += 1
-    return written
 
 
 def queue_top(

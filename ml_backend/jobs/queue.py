@@ -221,6 +221,9 @@ def run_training_job(project_id: int, reason: str, target: Callable | None = Non
         return {"outcome": outcome, "metrics": metrics, "model_version": version}
     except BaseException as exc:  # timeouts and shutdowns too: the status must not say "running"
         error = redact(f"{type(exc).__name__}: {exc}")[:500]
+        if isinstance(exc, (SystemExit, KeyboardInterrupt)):  # the worker's cold stop
+            error = "interrupted: the worker was stopped while this job ran; it runs again"
+            markers.want_follow_up(project_id)
         if isinstance(exc, LabelStudioUnavailable):  # it comes back: try again, with backoff
             delay = markers.retry_later(project_id, settings.job_retry_s, MAX_RETRY_S, queue_name)
             error += f" (retrying in {delay:.0f} s)"

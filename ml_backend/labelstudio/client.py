@@ -28,6 +28,7 @@ from label_studio_sdk.core.api_error import ApiError
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError, LabelStudioUnavailable, ProjectNotFound
 from ml_backend.labelstudio.labels import LabelSpec, parse_config
+from ml_backend.labelstudio.queue_view import queue_view_data
 from ml_backend.labelstudio.webhooks import WebhookAuth, basic_auth_header
 
 log = logging.getLogger(__name__)
@@ -298,12 +299,28 @@ class LabelStudioClient(WebhookAuth):
                 )
             page += 1
 
-    def update_task_meta(self, task_id: int, meta: dict) -> None:
-        """Merge ``meta`` into the task's existing ``meta`` (other keys are kept)."""
-        task = self._call(f"reading task {task_id}", lambda: self.sdk.tasks.get(id=str(task_id)))
-        merged = {**(getattr(task, "meta", None) or {}), **meta}
+    def stored_task(self, task_id: int) -> dict | None:
+        """The task as stored: ``data`` with storage URIs as imported (``resolve_uri=false``: a
+        resolved read turns ``s3://`` links into Label Studio proxy links, which must never be
+        written back), and ``meta``. None when the task no longer exists."""
+
+        def read():
+            return self.sdk.tasks.get(
+                id=str(task_id),
+                request_options={"additional_query_parameters": {"resolve_uri": "false"}},
+            )
+
+        try:
+            task = self._call(f"reading task {task_id}", read)
+        except _NotFound:
+            return None
+        return task.model_dump() if hasattr(task, "model_dump") else dict(task)
+
+    def update_task(self, task_id: int, *, data: dict | None = None, meta: dict | None = None):
+        """Replace the task's ``data`` and/or ``meta`` (as read by ``stored_task``)."""
+        fields = {k: v for k, v in (("data", data), ("meta", meta)) if v is not None}
         self._call(
-            f"updating task {task_id}", lambda: self.sdk.tasks.update(id=str(task_id), meta=merged)
+            f"updating task {task_id}", lambda: self.sdk.tasks.update(id=str(task_id), **fields)
         )
 
     # -- predictions and versions -------------------------------------------------------------
@@ -407,21 +424,41 @@ class LabelStudioClient(WebhookAuth):
             f"listing views of project {pid}", lambda: self.sdk.views.list(project=pid), project=pid
         )
         for view in views or []:
-            if (getattr(view, "data", None) or {}).get("title") == QUEUE_VIEW_TITLE:
+            existing = getattr(view, "data", None) or {}
+            if existing.get("title") != QUEUE_VIEW_TITLE:
+                continue
+            columns = None if existing.get("hiddenColumns") else self._columns(pid)
+            wanted = queue_view_data(data, existing, columns)
+            if {k: existing.get(k) for k in wanted} != wanted:  # unchanged: no request
                 self._call(
                     f"updating the queue view of project {pid}",
-                    lambda view=view: self.sdk.views.update(
-                        id=str(view.id), project=pid, data=data
+                    lambda view=view, wanted=wanted: self.sdk.views.update(
+                        id=str(view.id), project=pid, data=wanted
                     ),
                     project=pid,
                 )
-                return int(view.id)
+            return int(view.id)
+        wanted = queue_view_data(data, None, self._columns(pid))
         created = self._call(
             f"creating the queue view of project {pid}",
-            lambda: self.sdk.views.create(project=pid, data=data),
+            lambda: self.sdk.views.create(project=pid, data=wanted),
             project=pid,
         )
         return int(created.id)
+
+    def _columns(self, pid: int) -> list[dict] | None:
+        """The Data Manager's columns of the project (``GET /api/dm/columns/``; no SDK method),
+        or None when they cannot be read (Label Studio 1.23.2's defaults are used then)."""
+        try:
+            reply = self._call(
+                f"reading the Data Manager columns of project {pid}",
+                lambda: self._raw("GET", "/api/dm/columns/", params={"project": pid}),
+                project=pid,
+            )
+            columns = reply.json().get("columns")
+        except (LabelStudioUnavailable, ValueError, AttributeError):
+            return None
+        return columns if isinstance(columns, list) else None
 
     def close(self) -> None:
         """Release HTTP connections."""

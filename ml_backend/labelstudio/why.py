@@ -17,77 +17,52 @@ URIs with Label Studio's proxy links.
 from __future__ import annotations
 
 import logging
-
-import httpx
-import requests
-from label_studio_sdk.core.api_error import ApiError
-
-from ml_backend.errors import LabelStudioUnavailable
+from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
 WHY_FIELD = "why_this_task"
 META_KEY = "active_learning"
-COLD_START_PREFIX = "coldstart-"
+# Notes are written by a few threads at once: each is two Label Studio requests.
+WRITERS = 4
 
 
-def why_text(entry: dict, version: str) -> str:
+def why_text(entry: dict, version: str, cold_start: bool = False) -> str:
     """The sentence a labeler reads, e.g. "Why this task (#2 in the queue of resnet18-v4): the
     model is unsure (between Sunny 48% and Cloudy 41%), and it is far from every labeled image"."""
-    model = "before the first model" if version.startswith(COLD_START_PREFIX) else f"of {version}"
+    model = "before the first model" if cold_start else f"of {version}"
     reason = entry.get("why") or entry.get("reason") or "ranked by the active-learning queue"
     return f"Why this task (#{entry.get('rank', '?')} in the queue {model}): {reason}"
 
 
-def _read(client, task_id: int) -> dict:
-    task = client.sdk.tasks.get(
-        id=str(task_id),
-        request_options={"additional_query_parameters": {"resolve_uri": "false"}},
-    )
-    return task.model_dump() if hasattr(task, "model_dump") else dict(task)
-
-
-def _write(client, task_id: int, data: dict, meta: dict | None) -> None:
-    fields = {"data": data} if meta is None else {"data": data, "meta": meta}
-    client.sdk.tasks.update(id=str(task_id), **fields)
-
-
 def _note(client, task_id: int, text: str, meta_entry: dict | None) -> bool:
     """Set the text (and the meta entry); False when there was nothing to change."""
-    try:
-        task = _read(client, task_id)
-        data = dict(task.get("data") or {})
-        meta = None
-        if meta_entry is not None:
-            meta = {**(task.get("meta") or {}), META_KEY: meta_entry}
-        elif not data.get(WHY_FIELD):
-            return False  # already clear
-        data[WHY_FIELD] = text
-        _write(client, task_id, data, meta)
-        return True
-    except ApiError as exc:
-        if exc.status_code == 404:  # deleted meanwhile
-            return False
-        raise LabelStudioUnavailable(
-            f"Label Studio answered HTTP {exc.status_code} while writing why task {task_id} is "
-            "in the queue"
-        ) from None
-    except (httpx.TransportError, requests.RequestException) as exc:
-        raise LabelStudioUnavailable(
-            f"cannot reach Label Studio to write why task {task_id} is in the queue "
-            f"({type(exc).__name__})"
-        ) from None
+    task = client.stored_task(task_id)
+    if task is None:  # deleted meanwhile
+        return False
+    data = dict(task.get("data") or {})
+    meta = None
+    if meta_entry is not None:
+        meta = {**(task.get("meta") or {}), META_KEY: meta_entry}
+    elif not data.get(WHY_FIELD):
+        return False  # already clear
+    data[WHY_FIELD] = text
+    client.update_task(task_id, data=data, meta=meta)
+    return True
 
 
-def write_task_notes(client, top: list[dict], version: str, previous_top=()) -> int:
+def write_task_notes(
+    client, top: list[dict], version: str, previous_top=(), cold_start: bool = False
+) -> int:
     """Write why each queue-top task is there; clear the text on tasks that dropped out.
 
     Args:
-        client: the ``LabelStudioClient`` (its ``sdk`` is used).
+        client: the ``LabelStudioClient`` (``stored_task``, ``update_task``).
         top: queue-top entries (``publish.queue_top``: task_id, rank, reason, why, ...).
         version: the prediction version just published (named in the text and the meta).
         previous_top: the entries of the queue top published before (their text is cleared
             unless they are in ``top`` again).
+        cold_start: the version is a cold-start ordering (no model yet).
 
     Returns:
         how many tasks were written.
@@ -95,13 +70,19 @@ def write_task_notes(client, top: list[dict], version: str, previous_top=()) -> 
     Raises:
         LabelStudioUnavailable: Label Studio failed (best effort: the caller logs it).
     """
-    written = 0
     current = {int(e["task_id"]) for e in top}
-    for entry in top:
-        meta = {"model_version": version, **{k: v for k, v in entry.items() if k != "task_id"}}
-        written += _note(client, int(entry["task_id"]), why_text(entry, version), meta)
-    for entry in previous_top or ():
-        task_id = int(entry["task_id"])
-        if task_id not in current:
-            written += _note(client, task_id, "", None)
-    return written
+    notes = [
+        (
+            int(entry["task_id"]),
+            why_text(entry, version, cold_start),
+            {"model_version": version, **{k: v for k, v in entry.items() if k != "task_id"}},
+        )
+        for entry in top
+    ]
+    notes += [
+        (int(entry["task_id"]), "", None)
+        for entry in previous_top or ()
+        if int(entry["task_id"]) not in current
+    ]
+    with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="task-notes") as pool:
+        return sum(pool.map(lambda note: _note(client, *note), notes))

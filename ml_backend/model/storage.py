@@ -26,8 +26,29 @@ from ml_backend.errors import ModelNotReady
 
 logger = logging.getLogger(__name__)
 
+# Version names: the one place they are made and recognised. Trained versions are files here
+# and predictions in Label Studio; a cold-start ordering is only predictions (no model yet).
 PREFIX = "resnet18-v"
 VERSION_RE = re.compile(r"^resnet18-v([1-9][0-9]*)$")
+COLD_START_PREFIX = "coldstart-"
+
+
+def cold_start_version(when: float | None = None) -> str:
+    """The name of a cold-start ordering published at ``when`` (epoch seconds; now by default)."""
+    import time
+
+    return f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime(when))}"
+
+
+def is_cold_start(version: str | None) -> bool:
+    return bool(version) and version.startswith(COLD_START_PREFIX)
+
+
+def is_backend_version(version: str) -> bool:
+    """Whether a Label Studio prediction version was made by this backend."""
+    return bool(VERSION_RE.match(version)) or is_cold_start(version)
+
+
 WEIGHTS = "weights.pt"
 META = "meta.json"
 COUNTER = ".counter"

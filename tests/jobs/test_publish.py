@@ -93,15 +93,18 @@ class RecordingClient:
         self.calls.append(("delete", version))
         self.versions.pop(version)
 
-    def update_task_meta(self, task_id, meta):
-        self.calls.append(("meta", task_id))
+    def stored_task(self, task_id):
+        return {"id": task_id, "data": {"image": "x"}, "meta": {}}
+
+    def update_task(self, task_id, *, data=None, meta=None):
+        self.calls.append(("note", task_id))
 
 
 def test_publish_pushes_everything_before_switching(redis_conn):
     client, ledger = RecordingClient(), StatusStore(redis_conn)
     counts = publish(client, 1, [{"task": 1, "model_version": "resnet18-v2"}], "resnet18-v2",
                      ledger=ledger, explain=[{"task_id": 1, "rank": 1}])  # fmt: skip
-    assert client.calls == [("import", 1), ("activate", "resnet18-v2"), ("view",), ("meta", 1)]
+    assert client.calls == [("import", 1), ("activate", "resnet18-v2"), ("view",), ("note", 1)]
     assert counts["predictions_pushed"] == 1 and counts["publish_warnings"] == []
 
 

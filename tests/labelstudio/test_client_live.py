@@ -140,7 +140,11 @@ def test_every_method_against_real_label_studio(client, live_ls):
         ids[2:], reverse=True
     )  # unlabeled, lowest score first
 
-    client.update_task_meta(ids[2], {"why": "uncertain"})
-    client.update_task_meta(ids[2], {"rank": 1})
-    assert client.sdk.tasks.get(id=str(ids[2])).meta == {"why": "uncertain", "rank": 1}
+    task = client.stored_task(ids[2])
+    client.update_task(ids[2], meta={**task["meta"], "why": "uncertain"})
+    client.update_task(ids[2], data={**task["data"], "note": "x"})
+    stored = client.stored_task(ids[2])
+    assert stored["meta"] == {"why": "uncertain"} and stored["data"]["note"] == "x"
+    assert stored["data"]["image"] == task["data"]["image"]
+    assert client.stored_task(10**9) is None  # a task deleted meanwhile
     assert np.asarray(arrays).dtype == np.uint8

@@ -34,7 +34,7 @@ def test_why_text_names_rank_version_and_reason():
     assert why_text(entry, "resnet18-v4") == (
         "Why this task (#2 in the queue of resnet18-v4): the model is unsure"
     )
-    assert why_text({"rank": 1, "reason": "typical"}, "coldstart-20260101-000000") == (
+    assert why_text({"rank": 1, "reason": "typical"}, "coldstart-x", cold_start=True) == (
         "Why this task (#1 in the queue before the first model): typical"
     )
 
@@ -89,7 +89,7 @@ def test_notes_keep_storage_urls_and_other_fields(fake, settings):
     written = write_task_notes(client, top, "resnet18-v3", previous_top=[{"task_id": 6}])
     assert written == 2
     assert all(q.get("resolve_uri") == ["false"] for q in reads)  # raw URIs, not proxy links
-    (first_id, first), (second_id, second) = patches
+    (first_id, first), (second_id, second) = sorted(patches, key=lambda p: p[0])  # concurrent
     assert first_id == 5 and first["data"] == {
         "image": "s3://bucket/a.png",
         "site": "north",
