@@ -8,7 +8,7 @@
 - ``predict``   a trained version on image files or folders -> CSV/JSON (``ml_backend.tools.predict``)
 - ``export``    a trained version as TorchScript or ONNX (``ml_backend.tools.export``)
 - ``simulate``  offline active-learning simulation (``ml_backend.simulate``)
-- ``demo``      a guided demo (``ml_backend.demo``)
+- ``demo``      a guided demo (``ml_backend.devtools.demo``)
 
 ``run``, ``serve`` and ``worker`` check Label Studio (``LABEL_STUDIO_URL``, the token) at start
 and say what is wrong; they keep running and check again (``ml_backend.labelstudio.connection``).
@@ -36,7 +36,7 @@ DELEGATED = {
     "predict": "ml_backend.tools.predict",
     "export": "ml_backend.tools.export",
     "simulate": "ml_backend.simulate",
-    "demo": "ml_backend.demo",
+    "demo": "ml_backend.devtools.demo",
 }
 CONNECTION_LOG = ("all", "changes", "none")
 

@@ -16,7 +16,7 @@ import pytest
 import redis as redis_lib
 
 from ml_backend.config import Settings
-from ml_backend.local_services import redis_server_args, wait_for_redis
+from ml_backend.devtools.local_services import redis_server_args, wait_for_redis
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from ml_backend import simulate
+from ml_backend.devtools.synthetic import write_dataset
 from ml_backend.simulation import report
 from ml_backend.simulation.data import load_digits
-from ml_backend.synthetic import write_dataset
 
 STRATEGIES = ["random", "uncertainty", "coreset", "diversified"]
 INITIAL, BATCH, ROUNDS, SEEDS = 6, 4, 2, 2

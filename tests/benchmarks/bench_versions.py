@@ -27,8 +27,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from ml_backend.demo_project import LabelStudioAPI, import_images  # noqa: E402
-from ml_backend.local_services import (  # noqa: E402
+from ml_backend.devtools.demo_project import LabelStudioAPI, import_images  # noqa: E402
+from ml_backend.devtools.local_services import (  # noqa: E402
     BackendProcesses,
     LabelStudioServer,
     RedisProcess,

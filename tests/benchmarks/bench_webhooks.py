@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from ml_backend.local_services import redis_server_args  # noqa: E402
+from ml_backend.devtools.local_services import redis_server_args  # noqa: E402
 
 
 def free_port() -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from e2e_support import backend_env, new_project, running_stack, spread_labels
 
-from ml_backend.demo_project import LabelStudioAPI
-from ml_backend.local_services import LabelStudioServer, RedisProcess, tail
+from ml_backend.devtools.demo_project import LabelStudioAPI
+from ml_backend.devtools.local_services import LabelStudioServer, RedisProcess, tail
 
 # The loop tests read the project as each step leaves it (cold start, then trained): run them
 # first, in file order; the browser and PAT tests after them.
@@ -22,6 +22,9 @@ MODULE_ORDER = (
     "test_pat.py",
     "test_browser_submit.py",
     "test_faults.py",
+    "test_dashboard_browser.py",
+    "test_why_this_task.py",
+    "test_connection_live.py",
 )
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from ml_backend.demo_project import LabelStudioAPI, import_images
-from ml_backend.local_services import BackendProcesses, LabelStudioServer, tail
+from ml_backend.devtools.demo_project import LabelStudioAPI, import_images
+from ml_backend.devtools.local_services import BackendProcesses, LabelStudioServer, tail
 
 N_IMAGES = 300
 N_UPLOADS = 30  # the rest are local files

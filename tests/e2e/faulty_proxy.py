@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import requests
 
-from ml_backend.local_services import free_port
+from ml_backend.devtools.local_services import free_port
 
 _HOP = {"connection", "keep-alive", "transfer-encoding", "content-encoding", "content-length"}
 

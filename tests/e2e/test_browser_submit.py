@@ -22,7 +22,7 @@ import pytest
 from browser_support import CHROMIUM, Labeler, chromium
 from e2e_support import backend_env, new_project, running_stack, wait_for
 
-from ml_backend.local_services import RedisProcess
+from ml_backend.devtools.local_services import RedisProcess
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 

@@ -12,8 +12,8 @@ import pytest
 import requests
 
 from ml_backend.config import Settings
+from ml_backend.devtools.local_services import RedisProcess, free_port
 from ml_backend.labelstudio.connection import OK, UNAUTHORIZED, check_connection
-from ml_backend.local_services import RedisProcess, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,8 @@ import pytest
 from e2e_support import backend_env, new_project, running_stack, spread_labels, wait_for
 from faulty_proxy import FaultyProxy
 
-from ml_backend.demo_project import LabelStudioAPI
-from ml_backend.local_services import LabelStudioServer, RedisProcess, tail
+from ml_backend.devtools.demo_project import LabelStudioAPI
+from ml_backend.devtools.local_services import LabelStudioServer, RedisProcess, tail
 
 pytestmark = pytest.mark.e2e
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from ml_backend.config import Settings
+from ml_backend.devtools.synthetic import LABELS, make_dataset
 from ml_backend.errors import LabelStudioUnavailable
 from ml_backend.jobs.state import StatusStore
 from ml_backend.jobs.training import train_project
 from ml_backend.labelstudio.images import to_array
 from ml_backend.labelstudio.labels import parse_config
 from ml_backend.model.storage import ModelStore
-from ml_backend.synthetic import LABELS, make_dataset
 
 CONFIG = (Path(__file__).parents[2] / "label_config.xml").read_text()
 SIZE = 32
@@ -48,6 +48,7 @@ class FakeLabelStudio:
         self.calls = []
         self.predictions = {}
         self.meta = {}
+        self.data = {}
         self.fail_import = False
         self.fail_view = False
         self.shown = None
@@ -73,8 +74,15 @@ class FakeLabelStudio:
     def project(self, pid):
         return {"id": pid, "model_version": self.shown}
 
-    def update_task_meta(self, task_id, meta):
-        self.meta[task_id] = meta
+    def stored_task(self, task_id):
+        task = next((t for t in self.tasks if t["id"] == task_id), None)
+        return None if task is None else {**task, "meta": self.meta.get(task_id, {})}
+
+    def update_task(self, task_id, *, data=None, meta=None):
+        if meta is not None:
+            self.meta[task_id] = meta
+        if data is not None:
+            self.data[task_id] = data
 
     def ensure_queue_view(self, pid):
         if self.fail_view:

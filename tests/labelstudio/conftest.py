@@ -7,7 +7,7 @@ import pytest
 from ls_fakes import LEGACY_TOKEN, LIVE_COLORS, LIVE_PAGE_SIZE_MAX, FakeLS, Server, png_bytes
 
 from ml_backend.config import Settings
-from ml_backend.local_services import LS_VENV, LabelStudioServer
+from ml_backend.devtools.local_services import LS_VENV, LabelStudioServer
 
 __all__ = ["LEGACY_TOKEN", "FakeLS", "Server", "png_bytes"]  # tests/benchmarks import FakeLS here
 

@@ -19,9 +19,9 @@ from ls_fakes import LIVE_PAGE_SIZE_MAX
 from werkzeug.serving import make_server
 
 from ml_backend.config import Settings
+from ml_backend.devtools.local_services import free_port
 from ml_backend.labelstudio.client import LabelStudioClient, basic_auth_header
 from ml_backend.labelstudio.labels import LabelTally, task_label
-from ml_backend.local_services import free_port
 from ml_backend.server import create_app
 
 pytestmark = pytest.mark.e2e

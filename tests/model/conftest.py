@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ml_backend import synthetic
+from ml_backend.devtools import synthetic
 
 
 @pytest.fixture(autouse=True, scope="session")

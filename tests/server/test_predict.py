@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ml_backend.devtools.synthetic import LABELS, make_dataset
 from ml_backend.jobs.state import StatusStore
 from ml_backend.model.network import build_model
 from ml_backend.model.storage import ModelStore
 from ml_backend.server import create_app
-from ml_backend.synthetic import LABELS, make_dataset
 
 CONFIG = (Path(__file__).parents[2] / "label_config.xml").read_text()
 

@@ -15,9 +15,9 @@ def stored(tmp_path_factory):
     """``(settings, version)``: one version of PROJECT in a fresh MODEL_DIR (no Redis)."""
     import torch
 
+    from ml_backend.devtools.synthetic import LABELS
     from ml_backend.model.network import new_resnet18
     from ml_backend.model.storage import ModelStore
-    from ml_backend.synthetic import LABELS
 
     model_dir = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def stored(tmp_path_factory):
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """Nested folders of generated PNGs (13 images), a JPEG, a text file and a broken image."""
-    from ml_backend.synthetic import write_dataset
+    from ml_backend.devtools.synthetic import write_dataset
 
     root = tmp_path_factory.mktemp("images")
     write_dataset(root / "a", 6, seed=1, size=40)

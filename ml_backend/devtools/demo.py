@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ml_backend.demo_project import LabelStudioAPI, import_images
-from ml_backend.local_services import (
+from ml_backend.devtools.demo_project import LabelStudioAPI, import_images
+from ml_backend.devtools.local_services import (
     BackendProcesses,
     LabelStudioServer,
     RedisProcess,

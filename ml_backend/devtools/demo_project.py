@@ -15,11 +15,11 @@ from urllib.parse import quote
 
 import requests
 
-from ml_backend.synthetic import write_dataset
+from ml_backend.devtools.synthetic import write_dataset
 
 log = logging.getLogger(__name__)
 
-LABEL_CONFIG = Path(__file__).resolve().parents[1] / "label_config.xml"
+LABEL_CONFIG = Path(__file__).resolve().parents[2] / "label_config.xml"
 _NAME = re.compile(r"img_\d{5}\.png")
 
 

@@ -30,7 +30,7 @@ from ml_backend.config import child_environment
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 LS_VENV = REPO_ROOT / ".cache" / "ls-venv"
 LS_INSTALLER = REPO_ROOT / "scripts" / "install_label_studio.sh"
 LS_VERSION = "1.23.2"
