@@ -50,8 +50,34 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "or a path to a ResNet18 state_dict file.",
     ),
     "IMAGE_SIZE": (
-        "224",
-        "Images are resized to this square size (pixels) for training and inference.",
+        "auto",
+        "Images are resized to this square size (pixels) for training and inference. auto: the "
+        "project's typical image size (median larger side of a sample, rounded up to a multiple "
+        "of 32, at most 224), chosen once per project and kept; a number wins.",
+    ),
+    "SELF_SUPERVISED": (
+        "on",
+        "on: before the first model, pretrain the ResNet18 backbone on the project's own images "
+        "(SimCLR), within PRETRAIN_BUDGET_S, and again when the pool has grown by half; its "
+        "embeddings order the cold start and feed the head. off: the PRETRAINED weights only.",
+    ),
+    "PRETRAIN_BUDGET_S": (
+        "120",
+        "Seconds one self-supervised pretraining may take (a GPU does many more epochs in them).",
+    ),
+    "PRETRAIN_EPOCHS": (
+        "200",
+        "Most epochs of one self-supervised pretraining (it stops earlier at PRETRAIN_BUDGET_S).",
+    ),
+    "PSEUDO_LABELS": (
+        "on",
+        "on: the head may also learn from confident predictions on unlabeled images, when "
+        "cross-validation says it helps. off: labels only.",
+    ),
+    "FINETUNE_MIN_LABELS": (
+        "200",
+        "From this many labels on, fine-tuning the whole network is tried against the head on "
+        "frozen embeddings and served when validation prefers it.",
     ),
     "EPOCHS": (
         "0",
@@ -147,7 +173,10 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
 # O(N^2) ranking, a GPU held until JOB_TIMEOUT). A value outside stops the process with a
 # ConfigError naming the bound; the per-project knobs in PARAM_RULES use the same bounds.
 BOUNDS: dict[str, tuple[int, int]] = {
-    "IMAGE_SIZE": (32, 1024),
+    "IMAGE_SIZE": (32, 1024),  # or 0: auto
+    "PRETRAIN_BUDGET_S": (0, 86_400),
+    "PRETRAIN_EPOCHS": (1, 10_000),
+    "FINETUNE_MIN_LABELS": (2, 10_000_000),
     "EPOCHS": (0, 200),
     "BATCH_SIZE": (1, 4096),
     "INFERENCE_BATCH_SIZE": (1, 8192),
@@ -224,6 +253,28 @@ def _choice(name: str, raw: str, choices: tuple[str, ...]) -> str:
     return raw
 
 
+def _image_size(raw: str) -> int:
+    """IMAGE_SIZE: ``auto`` (0) or a whole number of pixels."""
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"IMAGE_SIZE must be auto or a whole number, got {raw!r}") from None
+    if value < 32:
+        raise ConfigError(f"IMAGE_SIZE must be auto or at least 32, got {value}")
+    return value
+
+
+def _on_off(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off; got {raw!r}")
+
+
 def _device(raw: str) -> str:
     value = raw.strip().lower()
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
@@ -271,6 +322,8 @@ def _hosts(raw: str | None) -> tuple[str, ...]:
 def _check_bounds(settings: Settings) -> None:
     for name, (low, high) in BOUNDS.items():
         value = getattr(settings, name.lower())
+        if name == "IMAGE_SIZE" and value == 0:  # auto
+            continue
         if not low <= value <= high:
             raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
 
@@ -288,7 +341,12 @@ class Settings:
     log_level: str = "INFO"
     device: str = "auto"
     pretrained: str = "imagenet"
-    image_size: int = 224
+    image_size: int = 0  # 0: auto (chosen per project from its images)
+    self_supervised: bool = True
+    pretrain_budget_s: int = 120
+    pretrain_epochs: int = 200
+    pseudo_labels: bool = True
+    finetune_min_labels: int = 200
     epochs: int = 0
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -347,7 +405,12 @@ class Settings:
             log_level=_choice("LOG_LEVEL", get("LOG_LEVEL").upper(), LOG_LEVELS),
             device=_device(get("DEVICE")),
             pretrained=_pretrained(get("PRETRAINED")),
-            image_size=_int("IMAGE_SIZE", get("IMAGE_SIZE"), minimum=32),
+            image_size=_image_size(get("IMAGE_SIZE")),
+            self_supervised=_on_off("SELF_SUPERVISED", get("SELF_SUPERVISED")),
+            pretrain_budget_s=_int("PRETRAIN_BUDGET_S", get("PRETRAIN_BUDGET_S"), minimum=0),
+            pretrain_epochs=_int("PRETRAIN_EPOCHS", get("PRETRAIN_EPOCHS"), minimum=1),
+            pseudo_labels=_on_off("PSEUDO_LABELS", get("PSEUDO_LABELS")),
+            finetune_min_labels=_int("FINETUNE_MIN_LABELS", get("FINETUNE_MIN_LABELS"), minimum=2),
             epochs=_int("EPOCHS", get("EPOCHS"), minimum=0),
             batch_size=_int("BATCH_SIZE", get("BATCH_SIZE"), minimum=1),
             learning_rate=_float("LEARNING_RATE", get("LEARNING_RATE"), 1e-7, 1.0),

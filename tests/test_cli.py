@@ -42,7 +42,8 @@ def test_config_error_is_one_line_and_exit_2(tmp_path):
     result = cli("worker", env=cli_env(tmp_path, IMAGE_SIZE="big"))
     assert result.returncode == 2
     assert (
-        result.stderr.strip() == "configuration error: IMAGE_SIZE must be a whole number, got 'big'"
+        result.stderr.strip()
+        == "configuration error: IMAGE_SIZE must be auto or a whole number, got 'big'"
     )
 
 

@@ -54,7 +54,7 @@ def test_values_are_parsed():
     ("env", "message"),
     [
         ({"EPOCHS": "-1"}, "EPOCHS must be at least 0, got -1"),
-        ({"IMAGE_SIZE": "x"}, "IMAGE_SIZE must be a whole number, got 'x'"),
+        ({"IMAGE_SIZE": "x"}, "IMAGE_SIZE must be auto or a whole number, got 'x'"),
         ({"VAL_FRACTION": "0.9"}, "VAL_FRACTION must be between 0.0 and 0.5"),
         ({"STRATEGY": "smart"}, "STRATEGY must be one of diversified, uncertainty"),
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://"),
@@ -133,6 +133,9 @@ def test_every_bound_is_accepted_at_its_ends_and_refused_past_them():
         for bad in (low - 1, high + 1):
             with pytest.raises(ConfigError, match=name):
                 Settings.from_env({name: str(bad)})
+        if SETTINGS_DOC[name][0] == "auto":  # IMAGE_SIZE: auto is 0, outside the bounds
+            assert getattr(Settings.from_env({}), name.lower()) == 0
+            continue
         default = int(SETTINGS_DOC[name][0])
         assert low <= default <= high, f"{name}'s default is outside its bounds"
 
@@ -161,3 +164,16 @@ def test_image_hosts_and_byte_cap_are_parsed():
     )
     assert Settings.from_env({}).image_hosts == () and Settings().max_image_bytes == 64 << 20
     assert "Allowed: 1 to 1000." in settings_markdown()
+
+
+def test_auto_and_on_off_settings():
+    defaults = Settings.from_env({})
+    assert defaults.image_size == 0 and defaults.self_supervised and defaults.pseudo_labels
+    assert Settings.from_env({"IMAGE_SIZE": "AUTO"}).image_size == 0
+    assert Settings.from_env({"IMAGE_SIZE": "96"}).image_size == 96
+    assert Settings.from_env({"SELF_SUPERVISED": "off"}).self_supervised is False
+    assert Settings.from_env({"PSEUDO_LABELS": "false"}).pseudo_labels is False
+    with pytest.raises(ConfigError, match="SELF_SUPERVISED must be on or off; got 'maybe'"):
+        Settings.from_env({"SELF_SUPERVISED": "maybe"})
+    with pytest.raises(ConfigError, match="IMAGE_SIZE must be auto or at least 32, got 8"):
+        Settings.from_env({"IMAGE_SIZE": "8"})

@@ -97,8 +97,14 @@ def read_tasks(tasks: Iterable[dict], spec: LabelSpec):
 
 
 def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
-    """Read tasks, fetch their images (cached) and return the aligned pool."""
+    """Read tasks, fetch their images (cached) and return the aligned pool.
+
+    ``image_cache``: an ``ImageCache``, or a function of the ``(task_id, url)`` items that returns
+    one (``IMAGE_SIZE=auto`` chooses the size from a sample of them).
+    """
     items, labels, skipped, problems = read_tasks(tasks, spec)
+    if not hasattr(image_cache, "fetch_arrays"):
+        image_cache = image_cache(items)
     if problems:
         sample = "; ".join(f"task {t}: {p}" for t, p in list(problems.items())[:5])
         log.warning(

@@ -11,13 +11,12 @@ import logging
 import threading
 
 from ml_backend.errors import ModelNotReady
-from ml_backend.jobs.publish import COLD_START_PREFIX
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.labelstudio.labels import choice_result, image_url, parse_config
 from ml_backend.model.inference import predict
 from ml_backend.model.network import resolve_device
-from ml_backend.model.storage import ModelStore
+from ml_backend.model.storage import ModelStore, is_cold_start
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +40,11 @@ class Predictor:
 
     def _version(self, project_id: int):
         live = self.status.model_version(project_id) if self.status is not None else None
-        if live and not live.startswith(COLD_START_PREFIX):
+        if live and not is_cold_start(live):
             for info in self.store.versions(project_id):
                 if info.version == live:
                     return info
-        if live and live.startswith(COLD_START_PREFIX):
+        if is_cold_start(live):
             raise ModelNotReady(
                 f"project {project_id} has no trained model yet (queue ordered by cold start)"
             )
@@ -74,8 +73,8 @@ class Predictor:
             self._client = LabelStudioClient(self.settings)
         return self._client
 
-    def _image_cache(self) -> ImageCache:
-        return ImageCache(self.settings, self._ls())
+    def _image_cache(self, size: int | None) -> ImageCache:
+        return ImageCache(self.settings, self._ls(), size=size)
 
     def predict(
         self, project_id: int, tasks: list[dict], label_config: str | None = None
@@ -105,7 +104,7 @@ class Predictor:
         results = [dict(empty) for _ in tasks]
         if not items:
             return results
-        arrays, ok_ids, _failures = self._image_cache().fetch_arrays(items)
+        arrays, ok_ids, _failures = self._image_cache(info.image_size).fetch_arrays(items)
         with self._lock:
             model, device = self._model(project_id, info)
             probs, _ = predict(

@@ -204,6 +204,8 @@ class StatusStore:
             else None,
             "last_job": _loads(raw.get("last_job")),
             "params": self.project_params(project),
+            "image_size": int(_text(raw["image_size"])) if raw.get("image_size") else None,
+            "acceptance": self.acceptance(project),
         }
 
     def has_status(self, project: int | str) -> bool:
@@ -280,6 +282,75 @@ class StatusStore:
         versions = list(versions)
         if versions:
             self.redis.hdel(self._versions_key(project), *versions)
+
+    # -- image size and pre-annotation acceptance ---------------------------------------------
+    def image_size(self, project: int | str) -> int | None:
+        """The size chosen for the project under ``IMAGE_SIZE=auto`` (None before the first)."""
+        raw = _text(self.redis.hget(self._status_key(project), "image_size"))
+        return int(raw) if raw else None
+
+    def set_image_size(self, project: int | str, size: int) -> None:
+        self.redis.hset(self._status_key(project), "image_size", int(size))
+
+    def _pushed_key(self, project) -> str:
+        return f"{PREFIX}pushed:{project_key(project)}"
+
+    def _acceptance_key(self, project) -> str:
+        return f"{PREFIX}acceptance:{project_key(project)}"
+
+    def record_pushed(self, project: int | str, version: str, labels: dict[int, str]) -> None:
+        """Remember the pre-annotation each unlabeled task got (``{task_id: label}``) from
+        ``version``: when its label arrives, ``score_acceptance`` compares the two."""
+        if labels:
+            self.redis.hset(
+                self._pushed_key(project),
+                mapping={str(t): _dumps([version, label]) for t, label in labels.items()},
+            )
+
+    def score_acceptance(self, project: int | str, labeled: dict[int, str]) -> dict:
+        """Count, per version, how many newly labeled tasks kept their pre-annotation.
+
+        ``labeled``: every labeled task of the project (``{task_id: label}``); each task with a
+        remembered pre-annotation is counted once and then forgotten. Returns the new counts of
+        this call, ``{version: {"kept", "n"}}``; the totals are in ``acceptance``.
+        """
+        key = self._pushed_key(project)
+        ids = [str(t) for t in labeled]
+        if not ids:
+            return {}
+        found = {}
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start : start + 1000]
+            for task_id, raw in zip(chunk, self.redis.hmget(key, chunk), strict=True):
+                if raw is not None:
+                    found[task_id] = _loads(raw)
+        new: dict[str, dict] = {}
+        for task_id, (version, label) in found.items():
+            entry = new.setdefault(version, {"kept": 0, "n": 0})
+            entry["n"] += 1
+            entry["kept"] += int(labeled[int(task_id)] == label)
+        if found:
+            pipe = self.redis.pipeline()
+            pipe.hdel(key, *found)
+            for version, counts in new.items():
+                pipe.hincrby(self._acceptance_key(project), f"{version}:kept", counts["kept"])
+                pipe.hincrby(self._acceptance_key(project), f"{version}:n", counts["n"])
+            pipe.execute()
+        return new
+
+    def acceptance(self, project: int | str) -> dict[str, dict]:
+        """``{version: {"kept", "n", "rate"}}``: how often annotators kept each version's
+        pre-filled choice, over all labels submitted on its pre-annotated tasks."""
+        raw = {
+            _text(k): int(v) for k, v in self.redis.hgetall(self._acceptance_key(project)).items()
+        }
+        out: dict[str, dict] = {}
+        for field, value in raw.items():
+            version, _, part = field.rpartition(":")
+            out.setdefault(version, {"kept": 0, "n": 0})[part] = value
+        for counts in out.values():
+            counts["rate"] = round(counts["kept"] / counts["n"], 4) if counts["n"] else None
+        return out
 
     def set_pretrained(self, source: str) -> None:
         """Record where the worker's initial weights came from (``build_model``'s string)."""

@@ -41,6 +41,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 PERCENTILES = (0.5, 99.5)  # high-bit-depth images: these percentiles map to 0 and 255
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure-spi")
 MAX_REDIRECTS = 5
+DEFAULT_SIZE = 224  # IMAGE_SIZE=auto before a project's size is known
 IN_MEMORY_LIMIT = 2 << 30  # larger pools go to an unlinked memory-mapped temp file
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -149,10 +150,12 @@ class ImageCache:
         settings: image_size, image_fetch_workers, image_fetch_timeout, max_image_pixels,
             max_image_bytes, image_hosts, model_dir, label_studio_url.
         client: anything with ``auth_header()`` (the LabelStudioClient); None sends no header.
+        size: the square size of the arrays; by default IMAGE_SIZE (with ``auto``, the caller
+            passes the project's chosen size: ``DEFAULT_SIZE`` when it does not).
     """
 
-    def __init__(self, settings: Settings, client=None):
-        self.size = settings.image_size
+    def __init__(self, settings: Settings, client=None, size: int | None = None):
+        self.size = int(size or settings.image_size or DEFAULT_SIZE)
         self.root = Path(settings.model_dir) / "cache" / "images"
         self.workers = settings.image_fetch_workers
         self.timeout = settings.image_fetch_timeout
@@ -214,6 +217,23 @@ class ImageCache:
                 out[j] = out[i]
         arrays = out[: len(ok_rows)] if len(ok_rows) < n else out
         return arrays.reshape(len(ok_rows), s, s, 3), [items[i][0] for i in ok_rows], failures
+
+    def native_sizes(self, items: list[tuple[int, str]]) -> list[tuple[int, int]]:
+        """``(width, height)`` of each readable image of ``items`` (``(task_id, url)``), as
+        stored (before any resize); unreadable ones are left out. For ``IMAGE_SIZE=auto``: the
+        caller passes a sample; only the headers are parsed."""
+
+        def one(item):
+            task_id, url = item
+            try:
+                with Image.open(io.BytesIO(self._download(task_id, url)), formats=FORMATS) as img:
+                    return img.size
+            except Exception as exc:  # noqa: BLE001 - a bad sample image is only left out
+                log.info("task %s: image size not read (%s)", task_id, type(exc).__name__)
+                return None
+
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="probe") as pool:
+            return [size for size in pool.map(one, items) if size is not None]
 
     def _allocate(self, n: int) -> np.ndarray:
         shape = (n, self.size, self.size, 3)

@@ -253,3 +253,16 @@ def test_empty_and_progress(fake, cache, caplog):
     with caplog.at_level(logging.INFO, logger="ml_backend.labelstudio.images"):
         arrays, ok, _ = cache.fetch_arrays([(i, "/data/upload/1/up.png") for i in range(120)])
     assert len(ok) == 120 and "images: 120/120 (100%)" in caplog.text
+
+
+def test_native_sizes_read_headers_and_leave_out_broken_images(settings):
+    def uri(width, height):
+        buf = io.BytesIO()
+        Image.new("L", (width, height)).save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    cache = ImageCache(settings.with_overrides(image_size=0))
+    assert cache.size == 224  # auto, before the caller knows the project's size
+    items = [(1, uri(28, 28)), (2, uri(40, 30)), (3, "data:image/png;base64,bm90IGFuIGltYWdl")]
+    assert cache.native_sizes(items) == [(28, 28), (40, 30)]
+    assert ImageCache(settings, size=32).size == 32
