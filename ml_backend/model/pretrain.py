@@ -41,7 +41,7 @@ TEMPERATURE = 0.2
 PROJECTION_DIM = 128
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 1e-5
-BN_RECALIBRATION_BATCHES = 200
+BN_RECALIBRATION_IMAGES = 2048
 MIN_CROP_SCALE = 0.3
 
 
@@ -193,13 +193,13 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 def recalibrate_batchnorm(
     model: nn.Module, images: np.ndarray, *, device: torch.device, batch_size: int, seed: int
 ) -> None:
-    """Recompute every BatchNorm's running mean/var on clean images (at most 200 batches)."""
+    """Recompute every BatchNorm's running mean/var on clean images (2,048 at most)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over the batches below
     rows = np.random.default_rng(seed).permutation(len(images))
-    rows = rows[: BN_RECALIBRATION_BATCHES * batch_size]
+    rows = rows[:BN_RECALIBRATION_IMAGES]
     batches = [np.sort(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
     batches = [b for b in batches if len(b) >= 2] or [np.arange(len(images))]
     model.train()

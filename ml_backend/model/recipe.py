@@ -36,6 +36,8 @@ from ml_backend.model.train import default_epochs, fit
 
 logger = logging.getLogger(__name__)
 
+# Pseudo-labels per real label at most (the most confident first): bounds the refit's cost.
+PSEUDO_PER_LABEL = 5
 # Logit of a class with no label yet: far below any fitted class, so it is never predicted.
 ABSENT_LOGIT = -100.0
 
@@ -140,8 +142,9 @@ def fit_pseudo_head(
     """``fit_head`` plus ``cfg.pseudo_rounds`` rounds of confident pool predictions as labels.
 
     ``labeled`` are rows of ``embeddings``; rows in ``exclude`` (a validation fold) are never
-    pseudo-labeled. Pseudo-labels weigh ``cfg.pseudo_weight`` each, and together never more than
-    the real labels, so a large pool cannot drown them.
+    pseudo-labeled. At most ``PSEUDO_PER_LABEL`` pseudo-labels per real label are kept (the most
+    confident); each weighs ``cfg.pseudo_weight``, and together never more than the real labels,
+    so a large pool cannot drown them.
     """
     head = fit_head(embeddings[labeled], y, num_classes, mean=mean, scale=scale, c=cfg.head_c)
     if len(np.unique(y)) < 2:
@@ -153,9 +156,11 @@ def fit_pseudo_head(
     pool = np.flatnonzero(mask)
     for _ in range(cfg.pseudo_rounds):
         probs = head.probs(embeddings[pool])
-        sure = probs.max(axis=1) >= cfg.pseudo_threshold
-        if not sure.any():
+        confidence = probs.max(axis=1)
+        sure = np.flatnonzero(confidence >= cfg.pseudo_threshold)
+        if not len(sure):
             break
+        sure = sure[np.argsort(-confidence[sure], kind="stable")[: PSEUDO_PER_LABEL * len(labeled)]]
         rows, guess = pool[sure], probs[sure].argmax(axis=1)
         w = min(cfg.pseudo_weight, len(labeled) / len(rows))
         x = np.concatenate([embeddings[labeled], embeddings[rows]])
