@@ -1,7 +1,9 @@
 """``python -m ml_backend simulate``: label-efficiency curves of the acquisition strategies.
 
 An oracle reveals the true label of whatever a strategy picks. Each round retrains a fresh model
-with the backend's own training code, measures accuracy on a held-out test split, and lets the
+with the backend's own training code (by default its low-label recipe: a backbone pretrained
+once per seed on the pool, a head chosen by validation; ``--recipe legacy`` fine-tunes a fresh
+ResNet18 every round as before), measures accuracy on a held-out test split, and lets the
 backend's own ``selection.rank`` pick the next ``--batch`` images. Outputs in ``--out``:
 ``rounds.csv`` (every round), ``full_data.csv`` (the accuracy with every pool label, per seed),
 ``summary.md`` (accuracy per budget, labels to reach 95% of full-data accuracy), and
@@ -24,6 +26,7 @@ from ml_backend.errors import BackendError
 
 logger = logging.getLogger(__name__)
 
+RECIPES = ("backend", "legacy")  # simulation.loop.SimConfig.recipe
 _DEFAULTS = Settings()  # documented defaults only; the simulator reads no environment variable
 
 
@@ -55,6 +58,15 @@ def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {value}")
+    return value
+
+
+def _image_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    value = int(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or at least 8, got {value}")
     return value
 
 
@@ -105,7 +117,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.25,
         help="share of the dataset held out for accuracy (default: 0.25)",
     )
-    add("--image-size", type=int, default=32, help="square image size in pixels (default: 32)")
+    add(
+        "--image-size",
+        type=_image_size,
+        default="auto",
+        help="square image size in pixels, or auto: the backend's rule from the images' native "
+        "sizes (digits: 32) (default: auto)",
+    )
+    add(
+        "--recipe",
+        choices=RECIPES,
+        default="backend",
+        help="backend: pretrain a backbone per seed, then the backend's head/fine-tune choice; "
+        "legacy: fine-tune a fresh ResNet18 each round (default: backend)",
+    )
+    add(
+        "--pretrain-budget",
+        type=float,
+        default=60.0,
+        help="seconds of self-supervised pretraining per seed (default: 60)",
+    )
+    add(
+        "--pretrain-epochs",
+        type=_positive,
+        default=100,
+        help="pretraining epochs at most (default: 100)",
+    )
+    add(
+        "--finetune-min-labels",
+        type=_positive,
+        default=200,
+        help="labels from which fine-tuning the whole network is tried (default: 200)",
+    )
     add(
         "--epochs",
         type=int,
@@ -198,18 +241,20 @@ def _simulate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from ml_backend.model.network import resolve_device
+    from ml_backend.model.sizing import choose_image_size
     from ml_backend.simulation import report
-    from ml_backend.simulation.data import load_dataset
+    from ml_backend.simulation.data import load_dataset, native_sizes
     from ml_backend.simulation.loop import (
         SimConfig,
         full_data_accuracy,
         make_split,
+        pretrain,
         run_seed,
         train_logger,
     )
 
-    if args.image_size < 8:
-        raise BackendError(f"--image-size must be at least 8, got {args.image_size}")
+    if args.image_size == "auto":
+        args.image_size = choose_image_size(native_sizes(str(args.dataset)))
     # Hundreds of retrains x epochs would drown the per-round lines.
     train_logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     if args.threads > 0:
@@ -221,7 +266,8 @@ def _simulate(args: argparse.Namespace) -> None:
         rounds=args.rounds, seeds=args.seeds, test_fraction=args.test_fraction,
         epochs=args.epochs, train_batch_size=args.train_batch_size, lr=args.lr,
         device=str(device), pretrained=args.pretrained, shortlist_factor=args.shortlist_factor,
-        measure=args.uncertainty,
+        measure=args.uncertainty, recipe=args.recipe, pretrain_budget_s=args.pretrain_budget,
+        pretrain_epochs=args.pretrain_epochs, finetune_min_labels=args.finetune_min_labels,
     )  # fmt: skip
     seeds = range(args.first_seed, args.first_seed + cfg.seeds)
     splits = [make_split(data, cfg, seed) for seed in seeds]  # fails fast on budget
@@ -237,9 +283,10 @@ def _simulate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     with tqdm(total=trainings, desc="simulate", unit="fit", disable=args.no_progress) as bar:
         for split in splits:
-            full[split.seed] = full_data_accuracy(data, split, cfg, device)
+            backbone = pretrain(data, split, cfg, device)  # None for the legacy recipe
+            full[split.seed] = full_data_accuracy(data, split, cfg, device, backbone)
             bar.update()
-            rows += run_seed(data, split, cfg, device, tick=bar.update)
+            rows += run_seed(data, split, cfg, device, tick=bar.update, backbone=backbone)
             # Rewrite after every seed so a long run that is stopped still leaves its results.
             report.write_rounds_csv(out / "rounds.csv", rows)
             report.write_full_csv(

@@ -46,7 +46,7 @@ def finished_run(tmp_path_factory) -> Path:
         _argv(
             root / "data", out, "--strategies", ",".join(STRATEGIES), "--initial", str(INITIAL),
             "--batch", str(BATCH), "--rounds", str(ROUNDS), "--seeds", str(SEEDS),
-            "--test-fraction", "0.25",
+            "--test-fraction", "0.25", "--recipe", "legacy",
         )
     )  # fmt: skip
     assert code == 0
@@ -87,6 +87,25 @@ def test_strategies_share_initial_set_and_round_zero_per_seed(finished_run):
 
     sets = json.loads((finished_run / "config.json").read_text())["initial_sets"]
     assert len(sets) == SEEDS and all(len(s) == INITIAL for s in sets.values())
+
+
+def test_default_recipe_pretrains_once_per_seed_and_serves_a_head(tmp_path, caplog):
+    import logging
+
+    write_dataset(tmp_path / "data", 36, seed=2, size=32, by_class=True)
+    out = tmp_path / "out"
+    argv = _argv(tmp_path / "data", out, "--strategies", "random,uncertainty", "--initial", "6",
+                 "--batch", "4", "--rounds", "1", "--seeds", "1", "--pretrain-budget", "1", "--verbose")  # fmt: skip
+    argv[argv.index("--image-size") + 1] = "auto"  # 32 px images -> 32
+    with caplog.at_level(logging.INFO, logger="ml_backend"):
+        assert simulate.main(argv) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("pretrained the backbone" in m for m in messages) == 1
+    served = [m for m in messages if m.startswith("Serving ")]
+    assert len(served) == 1 + 1 + 2  # full data, round 0, one round per strategy
+    assert all(m.split()[1] in ("head", "head+pseudo") for m in served)
+    rows = _rows(out)
+    assert len(rows) == 2 * 2 and all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
 
 
 def test_summary_table_and_plot(finished_run):

@@ -8,4 +8,9 @@ without loading torch):
 - ``train``: ``fit``, ``train_one_epoch``, ``evaluate``, ``default_epochs``.
 - ``inference``: ``predict`` (probabilities and 512-d embeddings for a whole pool).
 - ``storage``: ``ModelStore``, atomic versioned model folders.
+- ``sizing``: ``choose_image_size`` from the pool's native image sizes.
+- ``split``: ``fold_of`` / ``hash_split``, validation folds that follow the task id.
+- ``pretrain``: ``pretrain_backbone`` (SimCLR on the pool); ``backbones``: ``BackboneStore``.
+- ``features``: ``backbone_model``, ``embed`` (frozen-backbone embeddings).
+- ``recipe``: ``train_served_model``, the low-label recipe that picks what is served.
 """

@@ -59,6 +59,24 @@ def load_dataset(spec: str, image_size: int) -> Dataset:
     return load_folder(Path(spec), image_size)
 
 
+def native_sizes(spec: str) -> list[tuple[int, int]]:
+    """``(width, height)`` of every image of the dataset before resizing (headers only)."""
+    if spec == "digits":
+        return [(8, 8)]  # every scikit-learn digit is 8 x 8
+    root = Path(spec)
+    if not root.is_dir():
+        return []  # load_dataset says what is wrong
+    sizes = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+            try:
+                with Image.open(path) as image:
+                    sizes.append(image.size)
+            except Exception:  # load_dataset names the unreadable file
+                continue
+    return sizes
+
+
 def load_digits(image_size: int) -> Dataset:
     """scikit-learn's 1,797 8x8 handwritten digits, upscaled (bilinear) to RGB squares."""
     from sklearn.datasets import load_digits as sk_digits  # bundled with sklearn: no download

@@ -35,3 +35,9 @@ def weather_small() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def weather_train() -> tuple[np.ndarray, np.ndarray]:
     return weather_arrays(150, seed=1)
+
+
+@pytest.fixture(scope="session")
+def weather_pool() -> tuple[np.ndarray, np.ndarray]:
+    """64 images of 32 px: a pool for pretraining and the low-label recipe."""
+    return weather_arrays(64, seed=4, size=32)

@@ -1,0 +1,139 @@
+"""Pretrained backbones on disk: ``MODEL_DIR/<project>/backbones/b<n>/{backbone.pt, meta.json}``.
+
+Written like ``storage.ModelStore`` versions: into a temporary folder (name starting with a dot)
+that is fsynced and renamed into place, so a backbone appears whole or not at all. Numbers only
+grow. A served model version is trained from one of these, never from another served version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from ml_backend.errors import BackendError
+
+logger = logging.getLogger(__name__)
+
+FOLDER = "backbones"
+NAME_RE = re.compile(r"^b([1-9][0-9]*)$")
+WEIGHTS = "backbone.pt"
+META = "meta.json"
+TMP_PREFIX = ".tmp-"
+
+
+class BackboneError(BackendError):
+    """A stored backbone cannot be read (missing or corrupt file); pretraining again fixes it."""
+
+
+class BackboneStore:
+    """Self-supervised backbones of every project under ``model_dir``."""
+
+    def __init__(self, model_dir: Path | str):
+        self.model_dir = Path(model_dir)
+
+    def folder(self, project_id: int) -> Path:
+        """``MODEL_DIR/<project>/backbones`` (project ids are ints)."""
+        return self.model_dir / str(int(project_id)) / FOLDER
+
+    def names(self, project_id: int) -> list[str]:
+        """Complete backbones of a project, oldest first."""
+        folder = self.folder(project_id)
+        if not folder.is_dir():
+            return []
+        found = [e.name for e in folder.iterdir() if NAME_RE.match(e.name) and e.is_dir()]
+        return sorted(found, key=_number)
+
+    def save(
+        self, project_id: int, result, *, image_size: int, pool_key: str, pool_size: int
+    ) -> str:
+        """Write ``result`` (a ``PretrainResult``) as the next backbone; returns its name."""
+        import torch
+
+        folder = self.folder(project_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in folder.iterdir():
+            if entry.name.startswith(TMP_PREFIX):
+                shutil.rmtree(entry, ignore_errors=True)
+        name = f"b{max((_number(n) for n in self.names(project_id)), default=0) + 1}"
+        meta = {
+            "name": name,
+            "image_size": int(image_size),
+            "pool_key": str(pool_key),
+            "pool_size": int(pool_size),
+            "epochs": int(result.epochs),
+            "images_seen": int(result.images_seen),
+            "seconds": float(result.seconds),
+            "loss": result.loss,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        tmp = folder / f"{TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            with open(tmp / WEIGHTS, "wb") as f:
+                torch.save(result.state_dict, f)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp / META, "w", encoding="utf-8") as f:
+                f.write(json.dumps(meta, indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, folder / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("Saved backbone %s of project %s (%s)", name, project_id, pool_key)
+        return name
+
+    def latest(self, project_id: int) -> tuple[str, dict, dict] | None:
+        """``(name, state_dict, meta)`` of the newest backbone, ``None`` when there is none.
+
+        Raises:
+            BackboneError: The newest backbone's files are missing or unreadable.
+        """
+        import torch
+
+        names = self.names(project_id)
+        if not names:
+            return None
+        path = self.folder(project_id) / names[-1]
+        try:
+            meta = json.loads((path / META).read_text())
+            state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or "conv1.weight" not in state:
+                raise ValueError("not a ResNet18 backbone state_dict")
+        except Exception as exc:
+            raise BackboneError(
+                f"backbone {path} cannot be read ({_reason(exc)}); delete the "
+                "folder and retrain, which pretrains a new one"
+            ) from exc
+        return names[-1], state, meta
+
+    def prune(self, project_id: int, keep: int = 2) -> list[str]:
+        """Delete all but the newest ``keep`` backbones; returns the names removed."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        folder = self.folder(project_id)
+        removed = []
+        for name in self.names(project_id)[:-keep]:
+            doomed = folder / f"{TMP_PREFIX}prune-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(folder / name, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(name)
+        return removed
+
+
+def _number(name: str) -> int:
+    return int(NAME_RE.match(name).group(1))
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 160 characters (torch's are pages long)."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -1,0 +1,114 @@
+"""pretrain.py and backbones.py: SimCLR learns on structured images, budgets, the store."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ml_backend.model.backbones import BackboneError, BackboneStore
+from ml_backend.model.data import normalize
+from ml_backend.model.features import backbone_model, embed
+from ml_backend.model.pretrain import nt_xent, pretrain_backbone
+
+
+@pytest.fixture(scope="module")
+def pool(weather_pool) -> np.ndarray:
+    return weather_pool[0]
+
+
+def test_loss_decreases_and_progress_is_reported(pool):
+    events = []
+    result = pretrain_backbone(
+        pool, budget_s=120, max_epochs=4, batch_size=32, seed=0, device="cpu",
+        progress=events.append,
+    )  # fmt: skip
+    assert result.epochs == 4 and len(result.history) == 4
+    assert result.images_seen == 4 * 64
+    assert result.history[-1] < result.history[0], result.history
+    assert result.loss == result.history[-1]
+    assert [e["epoch"] for e in events] == [1, 2, 3, 4]
+    assert set(events[0]) == {"epoch", "loss", "images_per_s", "seconds_left"}
+    assert not any(k.startswith("fc.") for k in result.state_dict)
+    model = torchvision_resnet18_with(result.state_dict)
+    assert model.fc.out_features == 5
+
+
+def torchvision_resnet18_with(state):
+    model = backbone_model(state, 5)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    return model
+
+
+def test_budget_stops_the_run(pool):
+    result = pretrain_backbone(
+        pool, budget_s=1.0, max_epochs=1000, batch_size=16, seed=0, device="cpu"
+    )
+    assert result.epochs < 1000
+    # One step may finish past the budget, then BatchNorm statistics are recomputed.
+    assert result.seconds < 1.0 + 10.0
+
+
+def test_same_seed_same_backbone_on_cpu(pool):
+    a, b = (
+        pretrain_backbone(pool[:16], budget_s=60, max_epochs=1, batch_size=8, seed=3, device="cpu")
+        for _ in range(2)
+    )
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_batchnorm_statistics_are_those_of_clean_images(pool):
+    result = pretrain_backbone(pool, budget_s=60, max_epochs=1, batch_size=32, seed=0, device="cpu")
+    model = backbone_model(result.state_dict, 3)
+    with torch.no_grad():
+        first = model.bn1(model.conv1(normalize(torch.from_numpy(pool), channels_last=False)))
+    # bn1 normalises clean pool images to about zero mean and unit variance per channel.
+    assert first.mean(dim=(0, 2, 3)).abs().max() < 0.15
+    assert (first.var(dim=(0, 2, 3)) - 1).abs().max() < 0.15
+
+
+def test_nt_xent_is_low_for_matching_views():
+    z = torch.randn(8, 16)
+    matched = nt_xent(torch.cat([z, z]), 0.2)
+    random = nt_xent(torch.randn(16, 16), 0.2)
+    assert matched < random
+
+
+def test_store_round_trip_and_prune(tmp_path, pool):
+    result = pretrain_backbone(
+        pool[:8], budget_s=60, max_epochs=1, batch_size=8, seed=0, device="cpu"
+    )
+    store = BackboneStore(tmp_path)
+    assert store.latest(7) is None
+    names = [store.save(7, result, image_size=32, pool_key=f"k{i}", pool_size=8) for i in range(3)]
+    assert names == ["b1", "b2", "b3"]
+    name, state, meta = store.latest(7)
+    assert name == "b3" and meta["pool_key"] == "k2" and meta["image_size"] == 32
+    assert {"image_size", "pool_size", "pool_key", "epochs", "seconds", "created"} <= set(meta)
+    assert all(torch.equal(state[k], v) for k, v in result.state_dict.items())
+    assert store.prune(7, keep=2) == ["b1"]
+    assert store.names(7) == ["b2", "b3"]
+    assert not any(p.name.startswith(".") for p in store.folder(7).iterdir())
+
+
+def test_store_says_which_backbone_is_broken(tmp_path, pool):
+    result = pretrain_backbone(
+        pool[:8], budget_s=60, max_epochs=1, batch_size=8, seed=0, device="cpu"
+    )
+    store = BackboneStore(tmp_path)
+    store.save(1, result, image_size=32, pool_key="k", pool_size=8)
+    (store.folder(1) / "b1" / "backbone.pt").write_bytes(b"not a torch file")
+    with pytest.raises(BackboneError, match="b1.*delete the folder"):
+        store.latest(1)
+    (store.folder(1) / "b1" / "backbone.pt").unlink()
+    with pytest.raises(BackboneError, match="b1"):
+        store.latest(1)
+    (store.folder(1) / "b1" / "meta.json").write_text("{")
+    with pytest.raises(BackboneError):
+        store.latest(1)
+
+
+def test_embed_gives_512_float32_rows(pool):
+    emb = embed(backbone_model(None, 3), pool[:10], device="cpu", batch_size=4)
+    assert emb.shape == (10, 512) and emb.dtype == np.float32
