@@ -26,11 +26,12 @@ import logging
 import shutil
 import time
 
+import numpy as np
+
 from ml_backend.config import PARAM_RULES, Settings
 from ml_backend.errors import BackendError
 from ml_backend.jobs.pool import Pool, build_pool
 from ml_backend.jobs.publish import (
-    COLD_START_PREFIX,
     build_predictions,
     publish,
     queue_rows,
@@ -38,10 +39,14 @@ from ml_backend.jobs.publish import (
 )
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
+from ml_backend.model.backbones import BackboneStore
+from ml_backend.model.features import backbone_model
 from ml_backend.model.inference import predict
 from ml_backend.model.network import build_model, resolve_device
-from ml_backend.model.storage import ModelStore
-from ml_backend.model.train import default_epochs, fit
+from ml_backend.model.pretrain import pretrain_backbone
+from ml_backend.model.recipe import RecipeConfig, train_served_model
+from ml_backend.model.sizing import choose_image_size
+from ml_backend.model.storage import COLD_START_PREFIX, ModelStore, cold_start_version
 from ml_backend.selection import rank
 
 log = logging.getLogger(__name__)
@@ -53,8 +58,15 @@ WEBHOOK_AUTH_EVERY_S = 600
 # submit, and a model trained on exactly these labels is already there.
 FORCE_REASONS = ("refresh",)
 # Settings a model depends on / a published queue depends on (besides the labels and tasks).
-MODEL_KNOBS = ("epochs", "image_size", "batch_size", "learning_rate", "val_fraction", "seed",
-               "pretrained")  # fmt: skip
+MODEL_KNOBS = ("epochs", "batch_size", "learning_rate", "seed", "pretrained", "self_supervised",
+               "pseudo_labels", "finetune_min_labels")  # fmt: skip
+# IMAGE_SIZE=auto reads the size of this many images (evenly spread over the task list).
+SIZE_SAMPLE = 64
+# The backbone is pretrained again when the pool has grown by this factor since the last time.
+PRETRAIN_AGAIN_AT = 1.5
+BACKBONES_KEPT = 2
+# Acceptance counts as evidence for ``auto`` from this many scored pre-annotations on.
+MIN_ACCEPTANCE_N = 20
 QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "queue_depth", "seed",
                "auto_labels_per_class", "auto_min_accuracy")  # fmt: skip
 
@@ -82,9 +94,11 @@ def _key(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def model_key(pool: Pool, settings: Settings) -> str:
-    """Same key, same model: the labeled set, the label list and the training knobs."""
-    return _key(pool.fingerprint(), {k: getattr(settings, k) for k in MODEL_KNOBS})
+def model_key(pool: Pool, settings: Settings, backbone: str | None = None) -> str:
+    """Same key, same model: the labeled set, the label list, the image size, the backbone and
+    the training knobs."""
+    knobs = {k: getattr(settings, k) for k in MODEL_KNOBS}
+    return _key(pool.fingerprint(), int(pool.images.shape[1]), backbone, knobs)
 
 
 def queue_key(basis: str, pool: Pool, settings: Settings) -> str:
@@ -170,7 +184,7 @@ def train_project(
         status,
         snapshot,
     )
-    spec, pool = _fetch(run, image_cache or ImageCache(settings, run.client))
+    spec, pool = _fetch(run, image_cache)
     if len(pool.task_ids) == 0:
         return _finish(run, "nothing to do: no task has a usable image", None, {})
     why_not = pool.trainable_reason(settings.min_labels)
@@ -190,13 +204,19 @@ def _fetch(run: _Run, image_cache):
     spec = run.client.label_spec(run.project_id)
     if run.snapshot is not None:
         run.snapshot()  # labels from here on are in this run; later webhooks get a follow-up
-    pool = build_pool(run.client.iter_tasks(run.project_id), spec, image_cache)
+    pool = build_pool(
+        run.client.iter_tasks(run.project_id),
+        spec,
+        image_cache
+        or (lambda items: ImageCache(run.settings, run.client, _image_size(run, items))),
+    )
     run.lap("fetch", t0)
     log.info(
-        "project %s: job started (%s): %d tasks with images, %d labeled %s, device %s",
+        "project %s: job started (%s): %d tasks with images at %d px, %d labeled %s, device %s",
         run.project_id,
         run.reason,
         len(pool.task_ids),
+        pool.images.shape[1] if pool.images.ndim == 4 else 0,
         pool.n_labeled,
         pool.class_counts(),
         run.device,
@@ -204,11 +224,107 @@ def _fetch(run: _Run, image_cache):
     return spec, pool
 
 
+def _image_size(run: _Run, items: list[tuple[int, str]]) -> int:
+    """IMAGE_SIZE, or under ``auto`` the project's size: chosen once from a sample of its images
+    (``sizing.choose_image_size``) and kept, so the cache and the models stay valid."""
+    if run.settings.image_size:
+        return run.settings.image_size
+    chosen = run.status.image_size(run.project_id) if run.status is not None else None
+    if chosen:
+        return chosen
+    sample = items[:: max(1, len(items) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    sizes = ImageCache(run.settings, run.client).native_sizes(sample)
+    size = choose_image_size(sizes)
+    if sizes and run.status is not None:
+        run.status.set_image_size(run.project_id, size)
+    log.info(
+        "project %s: IMAGE_SIZE=auto: %s; images are used at %d px",
+        run.project_id,
+        f"the median larger side of {len(sizes)} sampled images is "
+        f"{sorted(max(w, h) for w, h in sizes)[len(sizes) // 2]} px"
+        if sizes
+        else "no sample image could be read (tried again next job)",
+        size,
+    )
+    return size
+
+
+def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str]:
+    """The backbone the heads sit on and selection embeds with: ``(name, state_dict, source)``.
+
+    SELF_SUPERVISED=on: the project's own SimCLR backbone (``model.pretrain``), pretrained in
+    this job when there is none yet for this image size, or the pool has grown by half since;
+    it starts from the PRETRAINED weights when those load (domain adaptation). Off: the
+    PRETRAINED weights as they are.
+    """
+    settings, size = run.settings, int(pool.images.shape[1])
+    initial, source = build_model(len(pool.label_names), settings.pretrained, log=log)
+    run.record_weights(source)
+    if not settings.self_supervised or settings.pretrain_budget_s <= 0:
+        return f"{source}@{size}", initial.state_dict(), source
+    store = BackboneStore(settings.model_dir)
+    found = store.latest(run.project_id)
+    if found is not None:
+        name, state, meta = found
+        grown = len(pool.task_ids) >= PRETRAIN_AGAIN_AT * max(1, int(meta.get("pool_size", 0)))
+        if int(meta.get("image_size", 0)) == size and not grown:
+            return name, state, f"self-supervised {name} ({meta.get('epochs')} epochs)"
+    t0 = time.monotonic()
+    run.progress(stage="pretraining", budget_s=settings.pretrain_budget_s)
+    log.info(
+        "project %s: self-supervised pretraining on %d images at %d px (budget %d s, from %s)",
+        run.project_id,
+        len(pool.task_ids),
+        size,
+        settings.pretrain_budget_s,
+        source,
+    )
+    result = pretrain_backbone(
+        pool.images,
+        budget_s=settings.pretrain_budget_s,
+        max_epochs=settings.pretrain_epochs,
+        batch_size=min(256, max(16, settings.batch_size * 2)),
+        seed=settings.seed,
+        device=run.device,
+        init_state=initial.state_dict()
+        if source == "imagenet" or source.startswith("file:")
+        else None,
+        progress=lambda info: run.progress(stage="pretraining", **info),
+        log=log,
+    )
+    name = store.save(
+        run.project_id,
+        result,
+        image_size=size,
+        pool_key=hashlib.sha256(pool.task_ids.astype("int64").tobytes()).hexdigest()[:16],
+        pool_size=len(pool.task_ids),
+    )
+    store.prune(run.project_id, keep=BACKBONES_KEPT)
+    run.lap("pretrain", t0)
+    log.info(
+        "project %s: backbone %s: %d epochs in %.0f s, final loss %.3f",
+        run.project_id,
+        name,
+        result.epochs,
+        result.seconds,
+        result.loss if result.loss is not None else float("nan"),
+    )
+    return name, result.state_dict, f"self-supervised {name} ({result.epochs} epochs)"
+
+
+def _embed(run: _Run, pool: Pool, state: dict):
+    """Frozen-backbone embeddings of the whole pool (float32 [N, 512])."""
+    model = backbone_model(state, len(pool.label_names))
+    _, embeddings = _predict_pool(run, model, pool)
+    return embeddings
+
+
 def _retrain(run: _Run, spec, pool: Pool) -> dict:
     store = ModelStore(run.settings.model_dir)
     previous = store.latest(run.project_id)
     same_labels = previous is not None and previous.labels == pool.label_names
-    key = model_key(pool, run.settings)
+    backbone, state, source = _backbone(run, pool)
+    key = model_key(pool, run.settings, backbone)
     retrain = not (
         same_labels and previous.metrics.get("model_key") == key and run.reason not in FORCE_REASONS
     )
@@ -219,34 +335,39 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
             run.published().get("version"),
         )
         return _finish(run, "unchanged (labels, tasks and model as published)", None, {})
-    if same_labels:
-        model, _ = store.load(run.project_id, previous.version, device="cpu")
-        source = f"warm start from {previous.version}"
-    else:
-        model, source = build_model(len(pool.label_names), run.settings.pretrained, log=log)
-        run.record_weights(source)
     metrics: dict = {
         "weights": source,
+        "backbone": backbone,
+        "image_size": int(pool.images.shape[1]),
         "labels_used": pool.n_labeled,
         "class_counts": pool.class_counts(),
+        "acceptance": _acceptance(run, pool),
     }
     t0 = time.monotonic()
     if retrain:
-        metrics.update(_fit(run, model, pool))
+        model, fitted = _train(run, pool, state)
+        metrics.update(fitted)
     else:
         log.info(
             "project %s: labeled set unchanged since %s; re-ranking without retraining",
             run.project_id,
             previous.version,
         )
-        metrics.update(
-            {k: previous.metrics.get(k) for k in ("val_accuracy", "val_size", "train_size")}
-        )
+        model, _ = store.load(run.project_id, previous.version, device="cpu")
+        metrics.update({k: previous.metrics.get(k) for k in REUSED_METRICS})
         metrics["retrained"] = False
     run.lap("train", t0)
 
     probs, embeddings = _predict_pool(run, model, pool)
-    ranking = _rank(run, pool, probs, embeddings, val_accuracy=metrics.get("val_accuracy"))
+    accepted = metrics.get("acceptance") or {}
+    ranking = _rank(
+        run,
+        pool,
+        probs,
+        embeddings,
+        val_accuracy=metrics.get("val_accuracy"),
+        acceptance=accepted.get("rate") if accepted.get("n", 0) >= MIN_ACCEPTANCE_N else None,
+    )
     predicted = [pool.label_names[i] for i in probs.argmax(axis=1)]
     version = store.next_version(run.project_id)
     metrics.update(
@@ -270,61 +391,111 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         pool.label_names,
         metrics,
         run.timings,
-        extra={"image_size": run.settings.image_size},
+        extra={"image_size": int(pool.images.shape[1])},
     )
-    _push(run, _predictions(run, pool, ranking, version, spec, predicted), version, path, metrics)
+    items = _predictions(run, pool, ranking, version, spec, predicted)
+    _push(run, items, version, path, metrics)
+    _remember_pushed(run, items, version, spec)
     store.prune(run.project_id, run.settings.keep_versions)
     return _finish(run, "trained" if retrain else "re-ranked (labels unchanged)", version, metrics)
 
 
-def _fit(run: _Run, model, pool: Pool) -> dict:
-    settings, labeled = run.settings, pool.labeled_mask
-    epochs = settings.epochs or default_epochs(pool.n_labeled)
-    run.progress(stage="training", epochs=epochs)
-    result = fit(
-        model,
-        pool.images[labeled],
+REUSED_METRICS = ("val_accuracy", "val_size", "train_size", "served", "why", "candidates")
+
+
+def _train(run: _Run, pool: Pool, state: dict):
+    """The served model (``model.recipe``): a head on the frozen backbone embeddings, with
+    pseudo-labels when cross-validation prefers them, or from FINETUNE_MIN_LABELS a fine-tuned
+    network when validation prefers it; refit on every label before it is served."""
+    labeled = np.flatnonzero(pool.labeled_mask)
+    embeddings = _embed(run, pool, state)
+    run.progress(stage="training", labels=len(labeled))
+    model, fitted = train_served_model(
+        pool.images,
+        labeled,
         pool.labels[labeled],
-        epochs=epochs,
-        batch_size=settings.batch_size,
-        lr=settings.learning_rate,
-        val_fraction=settings.val_fraction,
-        seed=settings.seed,
+        pool.task_ids,
+        len(pool.label_names),
+        backbone_state=state,
+        embeddings=embeddings,
+        cfg=RecipeConfig.from_settings(run.settings),
         device=run.device,
-        log=log,
         progress=lambda info: run.progress(stage="training", **info),
+        log=log,
     )
-    last = result.history[-1] if result.history else {}
-    return {
-        "val_accuracy": result.val_accuracy,
-        "val_size": result.val_size,
-        "train_size": result.train_size,
-        "epochs": len(result.history),
-        "train_loss": last.get("loss"),
-        "train_accuracy": last.get("train_accuracy"),
-        "train_images_per_s": last.get("images_per_s"),
-        "retrained": True,
+    log.info(
+        "project %s: serving the %s (%s); validation accuracy %s on %s labels",
+        run.project_id,
+        fitted.get("served"),
+        fitted.get("why"),
+        fitted.get("val_accuracy"),
+        fitted.get("val_size"),
+    )
+    return model, {**fitted, "retrained": True}
+
+
+def _acceptance(run: _Run, pool: Pool) -> dict | None:
+    """How often annotators kept the pre-filled choice: the labels that arrived since the last
+    job, on tasks the backend had pre-annotated, per version; and the running total of the
+    newest version with any. Logged; the dashboard plots it; ``auto`` may use it."""
+    if run.status is None:
+        return None
+    labeled = {
+        int(t): pool.label_names[int(c)]
+        for t, c in zip(
+            pool.task_ids[pool.labeled_mask], pool.labels[pool.labeled_mask], strict=True
+        )
     }
+    new = run.status.score_acceptance(run.project_id, labeled)
+    for version, counts in sorted(new.items()):
+        log.info(
+            "project %s: annotators kept %d of %d pre-filled choices of %s",
+            run.project_id,
+            counts["kept"],
+            counts["n"],
+            version,
+        )
+    totals = run.status.acceptance(run.project_id)
+    if not totals:
+        return None
+    from ml_backend.model.storage import version_number
+
+    newest = max(totals, key=lambda v: version_number(v))
+    return {"version": newest, **totals[newest]}
+
+
+def _remember_pushed(run: _Run, items: list[dict], version: str, spec) -> None:
+    """Record each pushed pre-annotation's choice, for ``_acceptance`` once the task is labeled."""
+    if run.status is None:
+        return
+    chosen = {}
+    for item in items:
+        for region in item.get("result") or []:
+            choices = (region.get("value") or {}).get("choices")
+            if choices:
+                chosen[int(item["task"])] = choices[0]
+    run.status.record_pushed(run.project_id, version, chosen)
 
 
 def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
-    key = queue_key(f"{COLD_START_PREFIX}{run.settings.pretrained}", pool, run.settings)
+    backbone, state, source = _backbone(run, pool)
+    key = queue_key(f"{COLD_START_PREFIX}{backbone}", pool, run.settings)
     if run.unchanged(key):
         log.info("project %s: cold-start order unchanged; nothing to publish", run.project_id)
         return _finish(run, "unchanged (cold-start order as published)", None, {})
-    model, source = build_model(len(pool.label_names), run.settings.pretrained, log=log)
-    run.record_weights(source)
-    if source != "imagenet" and not source.startswith("file:"):
+    if source != "imagenet" and not source.startswith(("file:", "self-supervised")):
         log.warning(
             "project %s: cold-start embeddings come from %s; the diversity order is rough",
             run.project_id,
             source,
         )
-    _, embeddings = _predict_pool(run, model, pool)
+    embeddings = _embed(run, pool, state)
     ranking = _rank(run, pool, None, embeddings)  # no model: the strategy's cold-start order
-    version = f"{COLD_START_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
+    version = cold_start_version()
     metrics = {
         "weights": source,
+        "backbone": backbone,
+        "image_size": int(pool.images.shape[1]),
         "queue_key": key,
         "labels_used": pool.n_labeled,
         "class_counts": pool.class_counts(),
@@ -364,13 +535,15 @@ def _predict_pool(run: _Run, model, pool: Pool):
     return probs, embeddings
 
 
-def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None):
+def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None, acceptance=None):
     """The queue order; ``auto`` decides from the labels per class and the validation accuracy."""
     t0 = time.monotonic()
     settings = run.settings
     evidence = {"labels_per_class": pool.class_counts()}
     if val_accuracy is not None:
         evidence["val_accuracy"] = float(val_accuracy)
+    if acceptance is not None:
+        evidence["acceptance"] = float(acceptance)
     ranking = rank(
         settings.strategy,
         probs=probs,

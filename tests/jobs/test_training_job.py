@@ -142,6 +142,7 @@ def job_settings(tmp_path):
         pretrained="none",
         device="cpu",
         image_size=SIZE,
+        pretrain_budget_s=2,
         epochs=6,
         batch_size=16,
         queue_batch=5,
@@ -203,6 +204,12 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
 
     assert out["outcome"] == "trained" and out["model_version"] == "resnet18-v1"
     assert out["metrics"]["labels_used"] == 60 and out["metrics"]["ignored_annotations"] == 1
+    # A head on the self-supervised backbone's embeddings, chosen by cross-validation and
+    # refit on every label before it is served.
+    metrics = out["metrics"]
+    assert metrics["served"] in ("head", "head+pseudo") and metrics["why"]
+    assert metrics["train_size"] == 60 and metrics["val_accuracy"] is not None
+    assert metrics["backbone"] == "b1" and metrics["image_size"] == SIZE
     assert [c[0] for c in client.calls[:3]] == ["import", "activate", "view"]
     preds = {t: p for (t, v), p in client.predictions.items() if v == "resnet18-v1"}
     unlabeled = [100 + i for i in range(60, 150)]
@@ -245,7 +252,8 @@ def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, 
     # `refresh` forces a retrain; a new label retrains.
     forced = run(job_settings, client, cache, status, reason="refresh")
     assert forced["outcome"] == "trained" and forced["model_version"] == "resnet18-v3"
-    assert forced["metrics"]["weights"] == "warm start from resnet18-v2"
+    # Same backbone (the pool grew by less than half): pretrained once, reused.
+    assert forced["metrics"]["backbone"] == again["metrics"]["backbone"] == "b1"
     tasks[40]["annotations"] = [choice(labels[40])]
     assert run(job_settings, client, cache, status)["model_version"] == "resnet18-v4"
 
@@ -320,3 +328,49 @@ def test_with_basic_auth_the_job_puts_it_on_the_webhook_once(world, job_settings
     (call,) = [c for c in client.calls if c[0] == "webhook auth"]
     assert call[1] == "http://backend:9090" and call[2].startswith("Basic ")
     run(job_settings, FakeLabelStudio(tasks), cache, StatusStore(redis_conn))  # no auth: no call
+
+
+def test_acceptance_of_pre_annotations_is_measured_on_later_labels(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    first = run(job_settings, client, cache, status)
+    assert first["metrics"]["acceptance"] is None  # nothing pre-annotated was labeled yet
+    pushed = {t: p["result"][0]["value"]["choices"][0] for (t, v), p in client.predictions.items()}
+    others = [lab for lab in LABELS if lab]
+    for n, (task_id, predicted) in enumerate(sorted(pushed.items())[:10]):
+        kept = n < 7  # the annotator keeps 7 pre-filled choices and changes 3
+        label = predicted if kept else next(lab for lab in others if lab != predicted)
+        tasks[task_id - 100]["annotations"] = [choice(label)]
+    second = run(job_settings, client, cache, status)
+    assert second["metrics"]["acceptance"] == {
+        "version": "resnet18-v1",
+        "kept": 7,
+        "n": 10,
+        "rate": 0.7,
+    }
+    assert status.acceptance(1)["resnet18-v1"]["rate"] == 0.7
+
+
+def test_auto_image_size_comes_from_the_projects_images(job_settings, redis_conn):
+    import base64
+    import io
+
+    images, labels = make_dataset(40, seed=5, size=28)
+    tasks = []
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        tasks.append({"id": 500 + i, "data": {"image": uri}, "annotations": []})
+    settings = job_settings.with_overrides(image_size=0)
+    status = StatusStore(redis_conn)
+    out = train_project(1, "TASKS_CREATED", settings=settings, status=status,
+                        client=FakeLabelStudio(tasks))  # fmt: skip
+    assert out["metrics"]["image_size"] == 32 and status.image_size(1) == 32
+    # Kept: a later job does not sample again, and an explicit IMAGE_SIZE wins.
+    assert status.project_status(1)["image_size"] == 32
+    fixed = train_project(1, "refresh", settings=settings.with_overrides(image_size=64),
+                          status=status, client=FakeLabelStudio(tasks))  # fmt: skip
+    assert fixed["metrics"]["image_size"] == 64
