@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+from PIL import Image
 
-from ml_backend.devtools.demo_project import LabelStudioAPI, import_images
+from ml_backend.devtools.demo_project import LabelStudioAPI, image_name, import_images
 from ml_backend.devtools.local_services import BackendProcesses, LabelStudioServer, tail
 
 N_IMAGES = 300
@@ -24,7 +26,8 @@ N_UPLOADS = 30  # the rest are local files
 BACKEND_SETTINGS = {
     "PRETRAINED": "none",  # no downloads in tests
     "DEVICE": "cpu",
-    "IMAGE_SIZE": "64",
+    # IMAGE_SIZE auto: the 64 px images are used at 64 px.
+    "PRETRAIN_BUDGET_S": "20",  # self-supervised pretraining: short, on 2 CPU cores
     "EPOCHS": "15",
     "BATCH_SIZE": "16",
     "INFERENCE_BATCH_SIZE": "128",
@@ -151,6 +154,35 @@ def new_project(stack: Stack, title: str, n: int = N_IMAGES, uploads: int = N_UP
     api.update_project(project, start_training_on_annotation_update=True)
     truth = import_images(api, project, stack.ls.document_root, n, uploads=uploads, seed=project)
     return project, truth
+
+
+def pixels_of(stack: Stack, project: int) -> dict[int, np.ndarray]:
+    """``{task id: the task's image as raw float pixels}``, read from the generated files
+    (uploads too: the generator wrote every image under the project's folder first)."""
+    folder = stack.ls.document_root / f"project-{project}"
+    out = {}
+    for task in stack.api.tasks(project):
+        name = image_name(task["data"].get("image", ""))
+        if name:
+            with Image.open(folder / name) as img:
+                out[task["id"]] = np.asarray(img.convert("RGB"), dtype=np.float32).ravel()
+    return out
+
+
+def nearest_neighbour_accuracy(
+    pixels: dict[int, np.ndarray], labeled: dict[int, str], truth: dict[int, str], tasks
+) -> float:
+    """Accuracy on ``tasks`` of 1-nearest-neighbour on raw pixels fitted on ``labeled``: the
+    baseline the served model's pre-annotations must beat on the same tasks."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    ids = sorted(labeled)
+    knn = KNeighborsClassifier(n_neighbors=1).fit(
+        [pixels[t] for t in ids], [labeled[t] for t in ids]
+    )
+    tasks = sorted(tasks)
+    guesses = knn.predict([pixels[t] for t in tasks])
+    return float(np.mean([g == truth[t] for g, t in zip(guesses, tasks, strict=True)]))
 
 
 def spread_labels(

@@ -33,6 +33,7 @@ FAST = {
     "KEEP_VERSIONS": str(KEEP_VERSIONS),
     "EPOCHS": "3",
     "IMAGE_SIZE": "32",
+    "PRETRAIN_BUDGET_S": "5",
     "QUEUE_BATCH": "5",
     "BATCH_SIZE": "16",
 }

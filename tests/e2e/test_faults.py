@@ -27,6 +27,10 @@ FAST = {
     "JOB_LEASE_S": "6",
     "RECONCILE_S": "2",
     "JOB_RETRY_S": "5",
+    "PRETRAIN_BUDGET_S": "5",
+    # Fine-tuning from the first labels on, so EPOCHS makes a training stage long enough to
+    # break something in the middle of it.
+    "FINETUNE_MIN_LABELS": "2",
 }
 
 

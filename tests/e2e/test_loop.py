@@ -10,7 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from e2e_support import N_IMAGES, spread_labels
+from e2e_support import N_IMAGES, nearest_neighbour_accuracy, pixels_of, spread_labels
 
 from ml_backend.config import Settings
 
@@ -79,11 +79,19 @@ def test_annotations_retrain_and_update_the_queue(stack, trained_project, cold_p
     served_preds = [p for p in served["predictions"] if p["model_version"] == version]
     assert served_preds and _choice(served_preds[0]) in {"Sunny", "Cloudy", "Very Cloudy"}
 
-    # Predicted labels on the pushed tasks are well above chance (1/3).
+    # The pre-annotations on the pushed tasks beat 1-nearest-neighbour on raw pixels fitted on
+    # the same labeled tasks (the simplest baseline a user could run) and are well above chance.
     unlabeled = sorted(pushed)
     correct = sum(_choice(current[t][0]) == truth[t] for t in unlabeled)
     accuracy = correct / len(unlabeled)
+    baseline = nearest_neighbour_accuracy(
+        pixels_of(stack, project), {t: truth[t] for t in labeled}, truth, unlabeled
+    )
     assert accuracy > 0.6, f"accuracy on {len(unlabeled)} unlabeled tasks: {accuracy:.2f}"
+    assert accuracy >= baseline, (
+        f"pre-annotations {accuracy:.2f} vs 1-NN on pixels {baseline:.2f} on the same "
+        f"{len(unlabeled)} tasks"
+    )
 
     # The status shows the history: the cold start and at least one trained version.
     history = stack.finished_jobs(project)
