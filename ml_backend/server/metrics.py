@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 100)
 _VERSION_NUMBER = re.compile(r"(\d+)\D*$")
+# Pre-annotation acceptance is exported for this many newest versions per project.
+ACCEPTANCE_VERSIONS = 5
 
 
 class StatusCollector:
@@ -64,6 +66,16 @@ class StatusCollector:
                 "N of the served model version resnet18-vN.",
                 labels=["project"],
             ),
+            "kept": GaugeMetricFamily(
+                "mlb_preannotation_kept_ratio",
+                "Share of a version's pre-filled choices that annotators kept (newest versions).",
+                labels=["project", "version"],
+            ),
+            "scored": GaugeMetricFamily(
+                "mlb_preannotation_scored",
+                "Labels submitted on tasks a version had pre-annotated (newest versions).",
+                labels=["project", "version"],
+            ),
         }
         jobs = GaugeMetricFamily("mlb_jobs", "Training jobs by state.", labels=["state"])
         counts = {"waiting": 0, "running": 0}
@@ -96,6 +108,18 @@ def _project_gauges(families: dict, project: str, status: dict) -> None:
     match = _VERSION_NUMBER.search(status.get("model_version") or "")
     if match:
         families["version"].add_metric([project], int(match.group(1)))
+    acceptance = status.get("acceptance") or {}
+    newest = sorted(acceptance, key=_number, reverse=True)[:ACCEPTANCE_VERSIONS]
+    for version in newest:
+        counts = acceptance[version]
+        families["scored"].add_metric([project, version], counts.get("n", 0))
+        if isinstance(counts.get("rate"), (int, float)):
+            families["kept"].add_metric([project, version], counts["rate"])
+
+
+def _number(version: str) -> int:
+    match = _VERSION_NUMBER.search(version)
+    return int(match.group(1)) if match else -1
 
 
 class Metrics:

@@ -30,6 +30,8 @@ def test_webhook_counters_latency_and_job_gauges(client, redis_conn):
     store.job_finished(
         4, "j1", "trained", {"val_accuracy": 0.8, "train_size": 16, "val_size": 4}, "resnet18-v7"
     )
+    store.record_pushed(4, "resnet18-v6", {40: "Sunny", 41: "Cloudy", 42: "Sunny", 43: "Sunny"})
+    store.score_acceptance(4, {40: "Sunny", 41: "Sunny", 42: "Sunny", 43: "Sunny"})
     store.job_started(5, "j2", "START_TRAINING")
     Markers(redis_conn).start(5, "j2", "ml-backend-test", 30)  # running: it holds its lease
 
@@ -48,6 +50,9 @@ def test_webhook_counters_latency_and_job_gauges(client, redis_conn):
     assert found[("mlb_labels_used", (("project", "4"),))] == 20
     assert found[("mlb_model_version_number", (("project", "4"),))] == 7
     assert ("mlb_last_job_duration_seconds", (("project", "4"),)) in found
+    kept = (("project", "4"), ("version", "resnet18-v6"))
+    assert found[("mlb_preannotation_kept_ratio", kept)] == 0.75
+    assert found[("mlb_preannotation_scored", kept)] == 4
     assert found[("mlb_jobs", (("state", "running"),))] == 1
     assert found[("mlb_jobs", (("state", "waiting"),))] == 1  # project 3
     assert found[("mlb_redis_up", ())] == 1
