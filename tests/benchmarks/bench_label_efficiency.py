@@ -170,6 +170,7 @@ def run_dataset(name: str, args) -> list[dict]:
                              "accuracy": round(value, 5),
                              "served": metrics["served"] if method == "pipeline" else "",
                              "pretrain_s": result.seconds if method == "pipeline" else "",
+                "pretrain_images": result.images_seen if method == "pipeline" else "",
                              "fit_s": round(fit_s, 2) if method == "pipeline" else ""})  # fmt: skip
             log(f"{name} seed {seed} n={budget}: "
                 + " ".join(f"{k} {v:.3f}" for k, v in acc.items())
@@ -212,10 +213,11 @@ def summary(rows: list[dict], name: str, args) -> str:
             + " | ".join(cells)
             + f" | {means.get('pipeline', float('nan')) - best:+.3f} |"
         )
-    pre = sorted({(r["seed"], r["pretrain_s"]) for r in mine if r["method"] == "pipeline"})
+    pre = sorted({(r["seed"], r["pretrain_s"], r.get("pretrain_images", "?"))
+                  for r in mine if r["method"] == "pipeline"})  # fmt: skip
     served = [r["served"] for r in mine if r["method"] == "pipeline"]
     lines += ["", f"Pretraining: {args.pretrain_budget:g} s budget, measured "
-              + ", ".join(f"{s:.0f} s" for _, s in pre) + " (per seed, incl. BatchNorm recalibration). "
+              + ", ".join(f"{s:.0f} s ({n} images seen)" for _, s, n in pre) + " (per seed, incl. BatchNorm recalibration). "
               + "Served: " + ", ".join(f"{k} x{served.count(k)}" for k in sorted(set(served))) + ".",
               f"`before` (n) = number of seeds; scored on {args.before_eval} unlabeled images.", ""]  # fmt: skip
     return "\n".join(lines)
