@@ -289,7 +289,9 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str]:
         init_state=initial.state_dict()
         if source == "imagenet" or source.startswith("file:")
         else None,
-        progress=lambda info: run.progress(stage="pretraining", **info),
+        progress=lambda info: run.progress(
+            stage="pretraining", budget_s=settings.pretrain_budget_s, **info
+        ),
         log=log,
     )
     name = store.save(

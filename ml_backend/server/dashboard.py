@@ -46,6 +46,7 @@ QUEUE_TOP_SHOWN = 24
 TRAINED_PREFIX = "resnet18-v"
 STAGES = {
     "fetching": "reading tasks and images from Label Studio",
+    "pretraining": "learning from the project's unlabeled images (self-supervised)",
     "training": "training",
     "predicting": "predicting every task",
     "pushing": "pushing predictions to Label Studio",
@@ -137,6 +138,11 @@ def progress_text(status: dict) -> tuple[str, float | None]:
         if progress.get("val_accuracy") is not None:
             words += f", validation accuracy {progress['val_accuracy']:.0%}"
         fraction = epoch / progress["epochs"]
+    elif stage == "pretraining" and progress.get("epoch"):
+        words += f": epoch {progress['epoch']}, {progress.get('seconds_left', 0):.0f} s left"
+        budget = progress.get("budget_s")
+        if budget:
+            fraction = max(0.0, 1 - (progress.get("seconds_left") or 0) / budget)
     elif stage == "predicting" and progress.get("total"):
         done = progress.get("done") or 0
         words += f": {done} of {progress['total']} tasks"

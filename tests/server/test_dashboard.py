@@ -86,6 +86,12 @@ def test_progress_words():
     predicting = {"state": "running", "progress": {"stage": "predicting", "done": 50, "total": 200}}
     assert progress_text(predicting) == ("predicting every task: 50 of 200 tasks", 0.25)
     assert progress_text({"state": "idle", "progress": {"stage": "pushing"}}) == ("", None)
+    pretraining = {"state": "running", "progress": {"stage": "pretraining", "epoch": 4,
+                   "seconds_left": 30.2, "budget_s": 120}}  # fmt: skip
+    assert progress_text(pretraining) == (
+        "learning from the project's unlabeled images (self-supervised): epoch 4, 30 s left",
+        0.7483333333333333,
+    )
 
 
 def test_chart_escapes_and_draws_every_point():

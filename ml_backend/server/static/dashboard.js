@@ -6,6 +6,7 @@
 const POLL_MS = 2000;
 const STAGES = {
   fetching: "reading tasks and images from Label Studio",
+  pretraining: "learning from the project's unlabeled images (self-supervised)",
   training: "training",
   predicting: "predicting every task",
   pushing: "pushing predictions to Label Studio",
@@ -27,6 +28,9 @@ function progressWords(p) {
     if (g.loss != null) words += `, loss ${g.loss.toFixed(3)}`;
     if (g.val_accuracy != null) words += `, validation accuracy ${Math.round(g.val_accuracy * 100)}%`;
     fraction = (g.epoch || 0) / g.epochs;
+  } else if (g.stage === "pretraining" && g.epoch) {
+    words += `: epoch ${g.epoch}, ${Math.round(g.seconds_left || 0)} s left`;
+    if (g.budget_s) fraction = Math.max(0, 1 - (g.seconds_left || 0) / g.budget_s);
   } else if (g.stage === "predicting" && g.total) {
     words += `: ${g.done || 0} of ${g.total} tasks`;
     fraction = (g.done || 0) / g.total;
