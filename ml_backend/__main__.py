@@ -7,7 +7,7 @@
 - ``refresh``   enqueue the job for one project (retrain, or cold-start ordering without labels)
 - ``predict``   a trained version on image files or folders -> CSV/JSON (``ml_backend.tools.predict``)
 - ``export``    a trained version as TorchScript or ONNX (``ml_backend.tools.export``)
-- ``simulate``  offline active-learning simulation (``ml_backend.simulate``)
+- ``simulate``  offline active-learning simulation (``ml_backend.simulation.cli``)
 - ``demo``      a guided demo (``ml_backend.devtools.demo``)
 
 ``run``, ``serve`` and ``worker`` check Label Studio (``LABEL_STUDIO_URL``, the token) at start
@@ -35,7 +35,7 @@ log = logging.getLogger("ml_backend.cli")
 DELEGATED = {
     "predict": "ml_backend.tools.predict",
     "export": "ml_backend.tools.export",
-    "simulate": "ml_backend.simulate",
+    "simulate": "ml_backend.simulation.cli",
     "demo": "ml_backend.devtools.demo",
 }
 CONNECTION_LOG = ("all", "changes", "none")

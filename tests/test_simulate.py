@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_backend import simulate
 from ml_backend.devtools.synthetic import write_dataset
+from ml_backend.simulation import cli as simulate
 from ml_backend.simulation import report
 from ml_backend.simulation.data import load_digits
 
@@ -148,7 +148,12 @@ def test_digits_loader_upscales_to_rgb():
 def _error(tmp_path, dataset, *extra) -> str:
     """Run the real command line; it must exit 2 with one error line (after any log lines)."""
     done = subprocess.run(
-        [sys.executable, "-m", "ml_backend.simulate", *_argv(dataset, tmp_path / "out", *extra)],
+        [
+            sys.executable,
+            "-m",
+            "ml_backend.simulation.cli",
+            *_argv(dataset, tmp_path / "out", *extra),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -249,8 +249,10 @@ def _image_size(run: _Run, items: list[tuple[int, str]]) -> int:
     return size
 
 
-def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str]:
-    """The backbone the heads sit on and selection embeds with: ``(name, state_dict, source)``.
+def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
+    """The backbone the heads sit on and selection embeds with: ``(name, state_dict, source,
+    initial)``, ``initial`` being the PRETRAINED weights' state when the backbone is another one
+    (the recipe also tries a head on those: see ``_train``), else None.
 
     SELF_SUPERVISED=on: the project's own SimCLR backbone (``model.pretrain``), pretrained in
     this job when there is none yet for this image size, or the pool has grown by half since;
@@ -261,14 +263,19 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str]:
     initial, source = build_model(len(pool.label_names), settings.pretrained, log=log)
     run.record_weights(source)
     if not settings.self_supervised or settings.pretrain_budget_s <= 0:
-        return f"{source}@{size}", initial.state_dict(), source
+        return f"{source}@{size}", initial.state_dict(), source, None
     store = BackboneStore(settings.model_dir)
     found = store.latest(run.project_id)
     if found is not None:
         name, state, meta = found
         grown = len(pool.task_ids) >= PRETRAIN_AGAIN_AT * max(1, int(meta.get("pool_size", 0)))
         if int(meta.get("image_size", 0)) == size and not grown:
-            return name, state, f"self-supervised {name} ({meta.get('epochs')} epochs)"
+            return (
+                name,
+                state,
+                f"self-supervised {name} ({meta.get('epochs')} epochs)",
+                initial.state_dict(),
+            )
     t0 = time.monotonic()
     run.progress(stage="pretraining", budget_s=settings.pretrain_budget_s)
     log.info(
@@ -283,7 +290,7 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str]:
         pool.images,
         budget_s=settings.pretrain_budget_s,
         max_epochs=settings.pretrain_epochs,
-        batch_size=min(256, max(16, settings.batch_size * 2)),
+        batch_size=max(16, settings.batch_size),  # 64 beat 128 at the same budget (more steps)
         seed=settings.seed,
         device=run.device,
         init_state=initial.state_dict()
@@ -311,7 +318,12 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str]:
         result.seconds,
         result.loss if result.loss is not None else float("nan"),
     )
-    return name, result.state_dict, f"self-supervised {name} ({result.epochs} epochs)"
+    return (
+        name,
+        result.state_dict,
+        f"self-supervised {name} ({result.epochs} epochs)",
+        initial.state_dict(),
+    )
 
 
 def _embed(run: _Run, pool: Pool, state: dict):
@@ -325,7 +337,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     store = ModelStore(run.settings.model_dir)
     previous = store.latest(run.project_id)
     same_labels = previous is not None and previous.labels == pool.label_names
-    backbone, state, source = _backbone(run, pool)
+    backbone, state, source, initial = _backbone(run, pool)
     key = model_key(pool, run.settings, backbone)
     retrain = not (
         same_labels and previous.metrics.get("model_key") == key and run.reason not in FORCE_REASONS
@@ -347,7 +359,10 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     }
     t0 = time.monotonic()
     if retrain:
-        model, fitted = _train(run, pool, state)
+        candidates = [(backbone, state, source)]
+        if initial is not None:
+            candidates.append((f"{run.settings.pretrained} weights", initial, "PRETRAINED"))
+        model, fitted = _train(run, pool, candidates)
         metrics.update(fitted)
     else:
         log.info(
@@ -402,38 +417,61 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     return _finish(run, "trained" if retrain else "re-ranked (labels unchanged)", version, metrics)
 
 
-REUSED_METRICS = ("val_accuracy", "val_size", "train_size", "served", "why", "candidates")
+REUSED_METRICS = ("val_accuracy", "val_size", "train_size", "served", "why", "candidates",
+                  "served_backbone", "backbones_tried")  # fmt: skip
 
 
-def _train(run: _Run, pool: Pool, state: dict):
-    """The served model (``model.recipe``): a head on the frozen backbone embeddings, with
+def _train(run: _Run, pool: Pool, candidates: list[tuple[str, dict, str]]):
+    """The served model (``model.recipe``): a head on frozen backbone embeddings, with
     pseudo-labels when cross-validation prefers them, or from FINETUNE_MIN_LABELS a fine-tuned
-    network when validation prefers it; refit on every label before it is served."""
+    network when validation prefers it; refit on every label before it is served.
+
+    ``candidates``: ``(name, state_dict, source)`` backbones, the project's self-supervised one
+    first. A head on the PRETRAINED weights (random init without ImageNet) is tried too and
+    served when its cross-validated accuracy is higher: SimCLR learns invariance to colour and
+    brightness, which is sometimes exactly what tells the classes apart (weather, stains).
+    Ties go to the first.
+    """
     labeled = np.flatnonzero(pool.labeled_mask)
-    embeddings = _embed(run, pool, state)
-    run.progress(stage="training", labels=len(labeled))
-    model, fitted = train_served_model(
-        pool.images,
-        labeled,
-        pool.labels[labeled],
-        pool.task_ids,
-        len(pool.label_names),
-        backbone_state=state,
-        embeddings=embeddings,
-        cfg=RecipeConfig.from_settings(run.settings),
-        device=run.device,
-        progress=lambda info: run.progress(stage="training", **info),
-        log=log,
-    )
+    cfg = RecipeConfig.from_settings(run.settings)
+    best, tried = None, {}
+    for i, (name, state, source) in enumerate(candidates):
+        embeddings = _embed(run, pool, state)
+        run.progress(stage="training", labels=len(labeled), backbone=name)
+        model, fitted = train_served_model(
+            pool.images,
+            labeled,
+            pool.labels[labeled],
+            pool.task_ids,
+            len(pool.label_names),
+            backbone_state=state,
+            embeddings=embeddings,
+            # Only the project's own backbone is worth a fine-tune (the other is a head only).
+            cfg=cfg if i == 0 else dataclasses.replace(cfg, finetune_min_labels=10**9),
+            device=run.device,
+            progress=lambda info: run.progress(stage="training", **info),
+            log=log,
+        )
+        score = fitted.get("val_accuracy")
+        tried[name] = score
+        if best is None or (score is not None and score > (best[2].get("val_accuracy") or -1)):
+            best = (name, model, fitted, source)
+    name, model, fitted, source = best
     log.info(
-        "project %s: serving the %s (%s); validation accuracy %s on %s labels",
+        "project %s: serving the %s on %s (%s); validation accuracy %s on %s labels; "
+        "backbones tried %s",
         run.project_id,
         fitted.get("served"),
+        name,
         fitted.get("why"),
         fitted.get("val_accuracy"),
         fitted.get("val_size"),
+        tried,
     )
-    return model, {**fitted, "retrained": True}
+    extra = {"retrained": True, "served_backbone": name, "backbones_tried": tried}
+    if source == "PRETRAINED":
+        extra["served"] = f"{fitted.get('served')} on the {name}"
+    return model, {**fitted, **extra}
 
 
 def _acceptance(run: _Run, pool: Pool) -> dict | None:
@@ -480,7 +518,7 @@ def _remember_pushed(run: _Run, items: list[dict], version: str, spec) -> None:
 
 
 def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
-    backbone, state, source = _backbone(run, pool)
+    backbone, state, source, _ = _backbone(run, pool)
     key = queue_key(f"{COLD_START_PREFIX}{backbone}", pool, run.settings)
     if run.unchanged(key):
         log.info("project %s: cold-start order unchanged; nothing to publish", run.project_id)

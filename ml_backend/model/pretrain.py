@@ -255,10 +255,8 @@ def _view(x: torch.Tensor, g: torch.Generator, colour: bool, flip: bool) -> torc
     # Photometric jitter in normalised space: contrast around the image mean, then brightness.
     mean = out.mean(dim=(1, 2, 3), keepdim=True)
     out = (out - mean) * uniform(0.6, 1.4, 1, 1, 1) + mean + uniform(-0.4, 0.4, 1, 1, 1)
-    if colour:
-        out = out * uniform(0.8, 1.2, 3, 1, 1) + uniform(-0.2, 0.2, 3, 1, 1)
-        gray = uniform(0, 1, 1, 1, 1) < 0.2
-        out = torch.where(gray, out.mean(dim=1, keepdim=True).expand_as(out), out)
+    if colour:  # gentle: in webcams, satellite tiles and stains colour is often the class
+        out = out * uniform(0.9, 1.1, 3, 1, 1) + uniform(-0.1, 0.1, 3, 1, 1)
     if x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous(memory_format=torch.channels_last)
     return out

@@ -1,4 +1,4 @@
 """Offline active-learning simulator: datasets, the oracle loop and its report.
 
-``ml_backend.simulate`` is the command line; this package holds the parts it wires together.
+``ml_backend.simulation.cli`` is the command line; this package holds the parts it wires together.
 """

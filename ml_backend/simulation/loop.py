@@ -32,7 +32,7 @@ train_logger = logger.getChild("train")
 
 @dataclasses.dataclass(frozen=True)
 class SimConfig:
-    """Knobs of one simulation (see ``ml_backend.simulate`` for their command-line names)."""
+    """Knobs of one simulation (see ``ml_backend.simulation.cli`` for their command-line names)."""
 
     strategies: tuple[str, ...]
     initial: int = 20

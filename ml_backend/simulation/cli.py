@@ -1,4 +1,4 @@
-"""``python -m ml_backend simulate``: label-efficiency curves of the acquisition strategies.
+"""``python -m ml_backend.simulation.cli``: label-efficiency curves of the acquisition strategies.
 
 An oracle reveals the true label of whatever a strategy picks. Each round retrains a fresh model
 with the backend's own training code (by default its low-label recipe: a backbone pretrained
@@ -309,9 +309,9 @@ def data_ids(split) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m ml_backend.simulate``."""
+    """Standalone entry point: ``python -m ml_backend.simulation.cli``."""
     parser = argparse.ArgumentParser(
-        prog="python -m ml_backend.simulate", description=__doc__.split("\n")[0]
+        prog="python -m ml_backend.simulation.cli", description=__doc__.split("\n")[0]
     )
     add_arguments(parser)
     args = parser.parse_args(argv)
