@@ -301,6 +301,35 @@ class BackendProcesses:
             for name in ("web", "worker")
         )
 
+    def project_status(self, project: int, history: int = 10) -> dict:
+        """``/status/<project>`` (``{}`` when it is not known or the web app does not answer)."""
+        import requests
+
+        try:
+            reply = requests.get(f"{self.url}/status/{project}?history={history}", timeout=10)
+        except requests.RequestException:
+            return {}
+        return reply.json() if reply.status_code == 200 else {}
+
+    def wait_idle(self, project: int, timeout_s: float = 600, quiet_s: float = 5) -> dict:
+        """Wait until the project has a version and no job ran or waited for ``quiet_s``
+        seconds (no follow-up came); returns its status. Benchmarks use it."""
+        deadline, quiet_since = time.monotonic() + timeout_s, None
+        while time.monotonic() < deadline:
+            now = self.project_status(project, history=50)
+            queue = now.get("queue") or {}
+            busy = (
+                now.get("state") != "idle" or queue.get("waiting_job") or queue.get("running_job")
+            )
+            if busy or not now.get("model_version"):
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > quiet_s:
+                return now
+            time.sleep(0.5)
+        raise TimeoutError(f"project {project} never went idle\n{self.logs(40)}")
+
     def alive(self) -> bool:
         """Whether both processes are still running."""
         return all(p is not None and p.poll() is None for p in (self.web, self.worker))

@@ -106,7 +106,51 @@ class LogRegPCA:
         return probs, self.features
 
 
-MODELS = {"logreg-pca": LogRegPCA}
+class RecipeHead:
+    """The backend's model: a SimCLR backbone pretrained on every image of the dataset (as the
+    job pretrains on the project's pool) for ``PRETRAIN_S`` seconds, then the recipe's logistic
+    head (``recipe.fit_head``, C = 0.5, standardised embeddings) per round. Pseudo-labels and
+    fine-tuning are left out for speed (the recipe picks the plain head most of the time below
+    200 labels; see docs/results/label_efficiency_findings.md)."""
+
+    name = "the backend's recipe: SimCLR backbone + logistic head"
+    PRETRAIN_S = float(os.environ.get("BENCH_PRETRAIN_S", "120"))
+
+    def __init__(self, x_raw: np.ndarray, n_classes: int, seed: int):
+        import torch
+        from PIL import Image
+
+        from ml_backend.model.features import backbone_model, embed
+        from ml_backend.model.pretrain import pretrain_backbone
+        from ml_backend.model.sizing import choose_image_size
+
+        side = int(round(np.sqrt(x_raw.shape[1])))
+        gray = (x_raw.reshape(-1, side, side) * 255).astype(np.uint8)
+        size = choose_image_size([(side, side)])
+        images = np.stack(
+            [np.asarray(Image.fromarray(g).convert("RGB").resize((size, size))) for g in gray]
+        )
+        torch.manual_seed(seed)
+        result = pretrain_backbone(images, budget_s=self.PRETRAIN_S, max_epochs=1000,
+                                   batch_size=64, seed=seed, device="cpu")  # fmt: skip
+        model = backbone_model(result.state_dict, n_classes)
+        self.features = embed(model, images, device="cpu", batch_size=256)
+        self.mean = self.features.mean(axis=0)
+        self.scale = self.features.std(axis=0) + 1e-6
+        self.n_classes = n_classes
+
+    def embeddings(self) -> np.ndarray:
+        return self.features
+
+    def fit_predict(self, rows: np.ndarray, labels: np.ndarray):
+        from ml_backend.model.recipe import fit_head
+
+        head = fit_head(self.features[rows], labels, self.n_classes, mean=self.mean,
+                        scale=self.scale, c=0.5)  # fmt: skip
+        return head.probs(self.features), self.features
+
+
+MODELS = {"logreg-pca": LogRegPCA, "recipe": RecipeHead}
 
 
 def make_model(spec: str):

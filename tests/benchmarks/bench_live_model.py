@@ -32,7 +32,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-import requests
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,14 +87,6 @@ def import_mnist(api: LabelStudioAPI, project: int, root: Path, images, digits) 
     return truth
 
 
-def status(backend: BackendProcesses, project: int) -> dict:
-    try:
-        reply = requests.get(f"{backend.url}/status/{project}?history=50", timeout=10)
-    except requests.RequestException:
-        return {}
-    return reply.json() if reply.status_code == 200 else {}
-
-
 class Watcher(threading.Thread):
     """Samples once a second: (time, labels submitted, labels of the live version)."""
 
@@ -109,7 +100,7 @@ class Watcher(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            now = status(self.backend, self.project)
+            now = self.backend.project_status(self.project, history=50)
             for job in now.get("history", []):
                 if job.get("model_version"):
                     self.trained_on[job["model_version"]] = (job.get("metrics") or {}).get(
@@ -130,22 +121,6 @@ class Watcher(threading.Thread):
             if earlier:
                 worst = max(worst, earlier[-1] - (have or 0))
         return worst
-
-
-def wait_idle(backend, project, timeout_s=900) -> dict:
-    deadline, quiet_since = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        now = status(backend, project)
-        queue = now.get("queue") or {}
-        busy = now.get("state") != "idle" or queue.get("waiting_job") or queue.get("running_job")
-        if busy or not now.get("model_version"):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 5:
-            return now
-        time.sleep(0.5)
-    raise TimeoutError(f"project {project} never went idle\n{backend.logs(40)}")
 
 
 def baselines(pixels: dict[int, np.ndarray], truth, labeled: set[int], tasks: list[int]):
@@ -178,7 +153,7 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
         api.update_project(project, start_training_on_annotation_update=True)
         t0 = time.monotonic()
         truth = import_mnist(api, project, ls.document_root, images, digits)
-        wait_idle(backend, project)
+        backend.wait_idle(project)
         cold_s = time.monotonic() - t0
         pixels = {}
         for task in api.tasks(project):
@@ -208,7 +183,7 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
                 settled_s = watcher.samples[-1][0] - last_label
                 break
             time.sleep(1.0)
-        final = wait_idle(backend, project)
+        final = backend.wait_idle(project)
         watcher.stop.set()
         watcher.join()
         version = api.project(project)["model_version"]

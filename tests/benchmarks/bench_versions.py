@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import requests
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -45,27 +43,6 @@ SETTINGS = {
 }
 
 
-def status(backend: BackendProcesses, project: int) -> dict:
-    reply = requests.get(f"{backend.url}/status/{project}", timeout=10)
-    return reply.json() if reply.status_code == 200 else {}
-
-
-def wait_idle(backend: BackendProcesses, project: int, timeout_s: float = 600) -> dict:
-    deadline, quiet_since = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        now = status(backend, project)
-        queue = now.get("queue") or {}
-        busy = now.get("state") != "idle" or queue.get("waiting_job") or queue.get("running_job")
-        if busy or not now.get("model_version"):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 5:  # idle for 5 s: no follow-up came
-            return now
-        time.sleep(0.5)
-    raise TimeoutError(f"project {project} never went idle\n{backend.logs(40)}")
-
-
 def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: Path) -> dict:
     redis = RedisProcess(work / "redis").start()
     env = {
@@ -81,7 +58,7 @@ def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: 
         api.connect_backend(project, backend.url)
         api.update_project(project, start_training_on_annotation_update=True)
         truth = import_images(api, project, ls.document_root, args.tasks, seed=args.seed)
-        wait_idle(backend, project)
+        backend.wait_idle(project)
         started, next_errors = time.monotonic(), 0
         for _ in range(args.labels):
             for _attempt in range(20):  # as a labeler would: reload until a task shows
@@ -93,7 +70,7 @@ def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: 
                     time.sleep(1.0)
             api.annotate(task, truth[task])
             time.sleep(args.pace)
-        final = wait_idle(backend, project)
+        final = backend.wait_idle(project)
         seconds = time.monotonic() - started
         jobs = status_history(backend, project)
         versions = api.model_versions(project)
