@@ -260,7 +260,10 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
     PRETRAINED weights as they are.
     """
     settings, size = run.settings, int(pool.images.shape[1])
-    initial, source = build_model(len(pool.label_names), settings.pretrained, log=log)
+    # Seeded: without ImageNet weights the random init is the same network in every job.
+    initial, source = build_model(
+        len(pool.label_names), settings.pretrained, log=log, seed=settings.seed
+    )
     run.record_weights(source)
     if not settings.self_supervised or settings.pretrain_budget_s <= 0:
         return f"{source}@{size}", initial.state_dict(), source, None
@@ -361,7 +364,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     if retrain:
         candidates = [(backbone, state, source)]
         if initial is not None:
-            candidates.append((f"{run.settings.pretrained} weights", initial, "PRETRAINED"))
+            candidates.append(("PRETRAINED weights", initial, "PRETRAINED"))
         model, fitted = _train(run, pool, candidates)
         metrics.update(fitted)
     else:
