@@ -457,7 +457,8 @@ def _train(run: _Run, pool: Pool, candidates: list[tuple[str, dict, str]]):
         )
         score = fitted.get("val_accuracy")
         tried[name] = score
-        if best is None or (score is not None and score > (best[2].get("val_accuracy") or -1)):
+        best_score = None if best is None else best[2].get("val_accuracy")
+        if best is None or (score is not None and (best_score is None or score > best_score)):
             best = (name, model, fitted, source)
     name, model, fitted, source = best
     log.info(
