@@ -94,7 +94,7 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.backend, self.api, self.project = backend, api, project
         self.submitted = 0
-        self.samples: list[tuple[float, int, int | None]] = []
+        self.samples: list[tuple[float, int, int]] = []
         self.trained_on: dict[str, int] = {}
         self.stop = threading.Event()
 
@@ -110,7 +110,11 @@ class Watcher(threading.Thread):
                 live = self.api.project(self.project).get("model_version")
             except Exception:  # noqa: BLE001 - a sample is skipped
                 live = None
-            self.samples.append((time.monotonic(), self.submitted, self.trained_on.get(live)))
+            have = self.trained_on.get(live)
+            if have is None and live and live.startswith("coldstart-"):
+                have = 0
+            if live and have is not None:  # a version just switched, its job not yet recorded: skip
+                self.samples.append((time.monotonic(), self.submitted, have))
             self.stop.wait(1.0)
 
     def lag(self, window: float = 60.0) -> int:
@@ -119,7 +123,7 @@ class Watcher(threading.Thread):
         for t, _, have in self.samples:
             earlier = [s for tt, s, _ in self.samples if tt <= t - window]
             if earlier:
-                worst = max(worst, earlier[-1] - (have or 0))
+                worst = max(worst, earlier[-1] - have)
         return worst
 
 
