@@ -119,7 +119,12 @@ def test_dashboard_follows_a_retrain_live(stack, trained_once, playwright):
         assert f"task {top[0]['task_id']}" in first_item.inner_text()
         assert top[0]["why"] in first_item.inner_text()
         thumb = first_item.locator("img")
-        assert thumb.evaluate("img => img.naturalWidth") > 0
+        thumb.wait_for()  # the page may have been refetched meanwhile: wait for its image
+        page.wait_for_function(
+            "() => { const img = document.querySelector('.queue li img');"
+            " return img && img.complete && img.naturalWidth > 0; }",
+            timeout=30_000,
+        )
 
 
 def test_thumbnails_only_for_the_queue_top(stack, trained_once):
