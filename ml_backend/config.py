@@ -81,13 +81,15 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "EPOCHS": (
         "0",
-        "Training epochs per retrain; 0 picks by label count (more epochs for fewer labels).",
+        "Epochs of the fine-tune candidate (from FINETUNE_MIN_LABELS labels); 0 picks by label "
+        "count (more epochs for fewer labels).",
     ),
     "BATCH_SIZE": ("64", "Training batch size."),
     "LEARNING_RATE": ("0.001", "AdamW learning rate for fine-tuning."),
     "VAL_FRACTION": (
         "0.2",
-        "Share of labels held out for validation accuracy (when there are at least 10).",
+        "Share of labels (by a hash of the task id) the fine-tune candidate is validated on; "
+        "heads are compared by 5-fold cross-validation. The served model is refit on every label.",
     ),
     "SEED": ("0", "Random seed for splits, initialisation and augmentation."),
     "INFERENCE_BATCH_SIZE": ("256", "Batch size for whole-pool inference."),
