@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from browser_support import CHROMIUM
 from e2e_support import backend_env, new_project, running_stack, spread_labels
 
 from ml_backend.devtools.demo_project import LabelStudioAPI
@@ -110,3 +111,13 @@ def trained_project(stack, cold_project):
         project, "the retrain on 30 annotations", {cold["model_version"]}, labels=len(labeled)
     )
     return project, truth, {t for t, _ in labeled}, status
+
+
+@pytest.fixture(scope="module")
+def playwright(missing_real_part):
+    """Playwright for the browser tests, driving Debian's Chromium (one per module)."""
+    if not CHROMIUM.exists():
+        missing_real_part("Debian's chromium is not installed (bash scripts/install_chromium.sh)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        yield pw

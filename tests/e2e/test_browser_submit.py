@@ -19,7 +19,7 @@ import time
 import uuid
 
 import pytest
-from browser_support import CHROMIUM, Labeler, chromium
+from browser_support import Labeler, chromium
 from e2e_support import backend_env, new_project, running_stack, wait_for
 
 from ml_backend.devtools.local_services import RedisProcess
@@ -54,15 +54,6 @@ def churn_stack(label_studio, ls_api, e2e_dir):
             yield stack
     finally:
         redis.stop()
-
-
-@pytest.fixture(scope="module")
-def playwright(missing_real_part):
-    if not CHROMIUM.exists():
-        missing_real_part("Debian's chromium is not installed (bash scripts/install_chromium.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        yield pw
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from browser_support import ARTIFACTS, CHROMIUM, chromium
+from browser_support import ARTIFACTS, chromium
 from e2e_support import new_project, spread_labels, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
 N_TASKS = 48
 STAGE_WORDS = r"(reading tasks|learning from|training|predicting every task|pushing)"
-
-
-@pytest.fixture(scope="module")
-def playwright(missing_real_part):
-    if not CHROMIUM.exists():
-        missing_real_part("Debian's chromium is not installed (bash scripts/install_chromium.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        yield pw
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import requests
-from browser_support import CHROMIUM, Labeler, chromium
+from browser_support import Labeler, chromium
 from e2e_support import new_project, spread_labels
 
 from ml_backend.config import Settings
@@ -27,15 +27,6 @@ from ml_backend.labelstudio.queue_view import queue_view_data
 from ml_backend.labelstudio.why import WHY_FIELD, why_text, write_task_notes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
-
-
-@pytest.fixture(scope="module")
-def playwright(missing_real_part):
-    if not CHROMIUM.exists():
-        missing_real_part("Debian's chromium is not installed (bash scripts/install_chromium.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        yield pw
 
 
 @pytest.fixture(scope="module")
