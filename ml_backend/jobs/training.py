@@ -494,10 +494,17 @@ def _or_minus(value) -> float:
     return -1.0 if value is None else float(value)
 
 
+LOO_ROWS = 2000  # the tie-break looks at this many labeled rows at most (an n x n matrix)
+
+
 def _loo_1nn(embeddings: np.ndarray, labels: np.ndarray) -> float:
-    """Leave-one-out 1-nearest-neighbour accuracy of labeled rows on standardised embeddings."""
+    """Leave-one-out 1-nearest-neighbour accuracy of labeled rows on standardised embeddings
+    (on a fixed sample of ``LOO_ROWS`` rows when there are more, so memory stays bounded)."""
     if len(labels) < 2:
         return 0.0
+    if len(labels) > LOO_ROWS:
+        rows = np.random.default_rng(0).choice(len(labels), LOO_ROWS, replace=False)
+        embeddings, labels = embeddings[rows], labels[rows]
     x = embeddings.astype(np.float64)
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
     squared = (x * x).sum(axis=1)

@@ -28,3 +28,17 @@ def test_auto_image_size_is_kept_per_project(redis_conn):
     status.set_image_size(4, 32)
     assert status.image_size(4) == 32 and status.project_status(4)["image_size"] == 32
     assert status.image_size(5) is None
+
+
+def test_backbone_tie_break_is_leave_one_out_1nn_and_bounded():
+    import numpy as np
+
+    from ml_backend.jobs.training import LOO_ROWS, _loo_1nn
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 30)
+    apart = np.concatenate([rng.normal(0, 1, (30, 8)), rng.normal(8, 1, (30, 8))])
+    mixed = rng.normal(0, 1, (60, 8))
+    assert _loo_1nn(apart, labels) == 1.0 > _loo_1nn(mixed, labels)
+    big = np.repeat([0, 1], LOO_ROWS)  # more rows than the cap: sampled, still a share
+    assert 0.0 <= _loo_1nn(rng.normal(0, 1, (2 * LOO_ROWS, 4)), big) <= 1.0
