@@ -127,14 +127,18 @@ return string.format('%.3f', now() - tonumber(last))
 """
 )
 
-# KEYS running ; ARGV job_prefix grace lease_prefix my_id queue lease_ttl
+# KEYS running dirty snapshot ; ARGV job_prefix grace lease_prefix my_id queue lease_ttl
 _HEARTBEAT = (
     _COMMON
     + """
 local running = redis.call('GET', KEYS[1])
 if not running then
-  -- Redis lost its data (restart without persistence): this job is still the one running.
+  -- Redis lost its data (restart without persistence): this job is still the one running. Its
+  -- snapshot mark went too, and a webhook may have failed while Redis was down (Label Studio
+  -- does not resend it), so the job may not have every label: one follow-up is due.
   redis.call('SET', KEYS[1], marker(ARGV[4], ARGV[5]))
+  redis.call('SET', KEYS[3], ARGV[4])
+  redis.call('SET', KEYS[2], '1')
 elseif id(running) ~= ARGV[4] then
   return 'lost'
 end
@@ -299,9 +303,12 @@ class Markers:
         return _text(got[0]) == "ok"
 
     def heartbeat(self, project_id, job_id: str, queue: str, lease_s: int) -> str:
-        """Renew the lease: ``ok``, or ``lost`` when another job took the project over."""
+        """Renew the lease: ``ok``, or ``lost`` when another job took the project over. When
+        Redis lost the markers (a restart without persistence), restores them and asks for a
+        follow-up, since labels may have arrived unseen meanwhile."""
         k = Keys.of(project_id)
-        return _text(self._run(_HEARTBEAT, [k.running], _args(job_id, queue, lease_s)))
+        keys = [k.running, k.dirty, k.snapshot]
+        return _text(self._run(_HEARTBEAT, keys, _args(job_id, queue, lease_s)))
 
     def finish(self, project_id, job_id: str, queue: str, follow_id: str) -> str:
         """The job ended: ``idle``, ``follow_up`` (enqueue ``follow_id``), ``already_waiting``

@@ -249,8 +249,13 @@ def test_heartbeat_renews_the_lease_and_restores_a_lost_marker(redis_conn, setti
     assert markers.start(15, "train-15-a", settings.rq_queue, 3)[0] == "started"
     redis_conn.flushdb()  # Redis restarted without persistence while the job ran
     assert markers.heartbeat(15, "train-15-a", settings.rq_queue, 3) == "ok"
-    assert q.queue_state(redis_conn, 15)["running_job"] == "train-15-a"
+    state = q.queue_state(redis_conn, 15)
+    assert state["running_job"] == "train-15-a"
+    # A webhook may have been lost while Redis was down: the job's end runs the project again.
+    assert state["follow_up_requested"]
     assert 0 < redis_conn.ttl(f"{LEASE_PREFIX}train-15-a") <= 3
+    request = markers.request(15, "train-15-c", settings.rq_queue)
+    assert request[0] == "marked_dirty", "a label now comes after the job read its labels"
     _running(redis_conn, 15, "train-15-b", lease=True, queue=settings.rq_queue)
     assert markers.heartbeat(15, "train-15-a", settings.rq_queue, 3) == "lost"
 
