@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ml_backend.labelstudio.labels import LabelSpec, LabelTally, image_url, task_label
+from ml_backend.model.embeddings import image_key
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ class Pool:
         label_names: the labels of the project's config, in config order.
         skipped: task id -> why the task is not in the pool (no image field, fetch failure).
         label_problems: task id -> why its annotation was ignored (e.g. label outside the config).
+        image_keys: ``S16 [M]`` keys of the images' URLs (``model.embeddings.image_key``), for
+            the embedding cache; None when the pool was built from arrays.
     """
 
     task_ids: np.ndarray
@@ -38,6 +41,7 @@ class Pool:
     label_names: list[str]
     skipped: dict[int, str]
     label_problems: dict[int, str]
+    image_keys: np.ndarray | None = None
 
     @property
     def labeled_mask(self) -> np.ndarray:
@@ -122,6 +126,8 @@ def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
         )
     ok = np.asarray(ok_ids, dtype=np.int64)
     label_arr = np.array([labels.get(int(t), -1) for t in ok], dtype=np.int64)
+    url_of = dict(items)
+    keys = np.array([image_key(url_of[int(t)]) for t in ok], dtype="S16")
     return Pool(
         task_ids=ok,
         images=arrays,
@@ -129,4 +135,5 @@ def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
         label_names=list(spec.labels),
         skipped=skipped,
         label_problems=problems,
+        image_keys=keys,
     )

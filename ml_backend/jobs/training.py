@@ -4,15 +4,19 @@ Orchestration only; the work lives in ``labelstudio`` (tasks, images), ``model``
 predict, store) and ``selection`` (ranking). One run:
 
 1. wait for the project's webhooks to settle, then read every task and the label set from Label
-   Studio; fetch images (cached);
-2. with at least two labeled classes: fine-tune ResNet18 (warm start from the previous version
-   when the label set is unchanged; no retrain when the labeled set and the training knobs are
-   those of the previous version); otherwise: cold start, ordering the pool by k-center over
-   backbone embeddings;
-3. nothing changed since the published version (same model, same tasks, same knobs): stop here,
+   Studio; fetch images (cached on disk);
+2. the project's self-supervised backbone (pretrained in this job when there is none yet, or the
+   pool grew by half); the pool's embeddings under it and under the PRETRAINED weights come from
+   the embedding cache, so only new images are embedded (``model.embeddings``);
+3. with at least two labeled classes: the served model (``model.recipe``: a head on frozen
+   embeddings, with pseudo-labels or fine-tuned when cross-validation prefers it), no retrain
+   when the labeled set and the training knobs are those of the previous version; otherwise:
+   cold start, ordering the pool by the strategy's cold-start rule (typicality);
+4. nothing changed since the published version (same model, same tasks, same knobs): stop here,
    no new version;
-4. predict the whole pool (probabilities + embeddings), rank the unlabeled tasks;
-5. write the version atomically, push a prediction for each of the top ``QUEUE_DEPTH`` unlabeled
+5. the pool's probabilities (the served head on the cached embeddings; a fine-tuned backbone
+   embeds once), rank the unlabeled tasks;
+6. write the version atomically, push a prediction for each of the top ``QUEUE_DEPTH`` unlabeled
    tasks, switch the project to it (``publish``). A failure before the switch leaves the previous
    version serving; after it, the new version stays.
 """
@@ -41,6 +45,7 @@ from ml_backend.jobs.publish import (
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.backbones import BackboneStore
+from ml_backend.model.embeddings import EmbeddingCache, cached_embeddings, head_probs
 from ml_backend.model.features import backbone_model
 from ml_backend.model.inference import predict
 from ml_backend.model.network import build_model, resolve_device
@@ -125,6 +130,8 @@ class _Run:
     status: object | None
     snapshot: object = None
     timings: dict = dataclasses.field(default_factory=dict)
+    # embedding rows this job took from the cache / computed (all passes together)
+    embedded: dict = dataclasses.field(default_factory=lambda: {"cached": 0, "computed": 0})
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def progress(self, **fields) -> None:
@@ -137,8 +144,12 @@ class _Run:
         except RedisError as exc:
             log.warning("project %s: progress not recorded (%s)", self.project_id, exc)
 
-    def lap(self, name: str, since: float) -> None:
-        self.timings[f"{name}_s"] = round(time.monotonic() - since, 3)
+    def lap(self, name: str, since: float, less: float = 0.0) -> None:
+        """Add the time since ``since`` (minus ``less``) to step ``name`` (a step such as
+        embedding can run several times in a job)."""
+        key = f"{name}_s"
+        elapsed = max(time.monotonic() - since - less, 0.0)
+        self.timings[key] = round(self.timings.get(key, 0.0) + elapsed, 3)
 
     def record_weights(self, source: str) -> None:
         if self.status is not None:  # /health shows whether ImageNet weights were available
@@ -338,8 +349,41 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
 
 def _embed(run: _Run, pool: Pool, state: dict):
     """Frozen-backbone embeddings of the whole pool (float32 [N, 512])."""
-    model = backbone_model(state, len(pool.label_names))
-    _, embeddings = _predict_pool(run, model, pool)
+    return _embeddings(run, backbone_model(state, len(pool.label_names)), pool)
+
+
+def _embeddings(run: _Run, model, pool: Pool) -> np.ndarray:
+    """The pool's embeddings under ``model``'s backbone, from the project's embedding cache
+    where it has them (``model.embeddings``): only new images and new backbones are computed."""
+    t0 = time.monotonic()
+    run.progress(stage="predicting", total=len(pool.task_ids))
+
+    def compute(images):
+        _, vectors = predict(
+            model,
+            images,
+            device=run.device,
+            batch_size=run.settings.inference_batch_size,
+            progress=lambda done, total: run.progress(stage="predicting", done=done, total=total),
+        )
+        return vectors
+
+    cache = EmbeddingCache(run.settings.model_dir, run.project_id)
+    embeddings, info = cached_embeddings(cache, model, pool.images, pool.image_keys, compute)
+    run.lap("predict", t0)
+    run.embedded["cached"] += info["cached"]
+    run.embedded["computed"] += info["computed"]
+    log.info(
+        "project %s: embedded %d images in %.1f s (%d from the cache, %d computed%s)",
+        run.project_id,
+        len(pool.task_ids),
+        info["seconds"],
+        info["cached"],
+        info["computed"],
+        f", {info['computed'] / max(info['seconds'], 1e-9):.0f} images/s"
+        if info["computed"]
+        else "",
+    )
     return embeddings
 
 
@@ -367,7 +411,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         "class_counts": pool.class_counts(),
         "acceptance": _acceptance(run, pool),
     }
-    t0 = time.monotonic()
+    t0, embedding_before = time.monotonic(), run.timings.get("predict_s", 0.0)
     if retrain:
         candidates = [(backbone, state, source)]
         if initial is not None:
@@ -383,7 +427,8 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         model, _ = store.load(run.project_id, previous.version, device="cpu")
         metrics.update({k: previous.metrics.get(k) for k in REUSED_METRICS})
         metrics["retrained"] = False
-    run.lap("train", t0)
+    # train_s without the embedding passes inside it (those count under predict_s)
+    run.lap("train", t0, less=run.timings.get("predict_s", 0.0) - embedding_before)
 
     probs, embeddings = _predict_pool(run, model, pool)
     accepted = metrics.get("acceptance") or {}
@@ -410,6 +455,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         queue_top=queue_top(
             ranking, pool.task_ids, probs, predicted, run.settings.queue_batch, pool.label_names
         ),
+        embedded=dict(run.embedded),
     )
     path = store.save(
         run.project_id,
@@ -593,25 +639,10 @@ def _cold_start(run: _Run, spec, pool: Pool, why_not: str) -> dict:
 
 
 def _predict_pool(run: _Run, model, pool: Pool):
-    t0 = time.monotonic()
-    run.progress(stage="predicting", total=len(pool.task_ids))
-    probs, embeddings = predict(
-        model,
-        pool.images,
-        device=run.device,
-        batch_size=run.settings.inference_batch_size,
-        progress=lambda done, total: run.progress(stage="predicting", done=done, total=total),
-    )
-    run.lap("predict", t0)
-    seconds = run.timings["predict_s"]
-    log.info(
-        "project %s: predicted %d images in %.1f s (%.0f images/s)",
-        run.project_id,
-        len(pool.task_ids),
-        seconds,
-        len(pool.task_ids) / max(seconds, 1e-9),
-    )
-    return probs, embeddings
+    """``(probs, embeddings)`` of the whole pool under the served ``model``: its backbone's
+    embeddings (cached: a head on a frozen backbone needs no new pass), then its ``fc``."""
+    embeddings = _embeddings(run, model, pool)
+    return head_probs(model, embeddings), embeddings
 
 
 def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None, acceptance=None):

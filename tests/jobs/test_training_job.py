@@ -374,3 +374,20 @@ def test_auto_image_size_comes_from_the_projects_images(job_settings, redis_conn
     fixed = train_project(1, "refresh", settings=settings.with_overrides(image_size=64),
                           status=status, client=FakeLabelStudio(tasks))  # fmt: skip
     assert fixed["metrics"]["image_size"] == 64
+
+
+def test_each_image_is_embedded_once_per_backbone(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks[:140]), StatusStore(redis_conn)
+    first = run(job_settings, client, cache, status)["metrics"]["embedded"]
+    # The self-supervised backbone and the PRETRAINED one each embed the pool once; the served
+    # head sits on one of them, so its predictions need no third pass.
+    assert first == {"cached": 140, "computed": 280}
+    # Ten new tasks and a new label: only the new images are embedded (under both backbones).
+    client.tasks = tasks
+    tasks[40]["annotations"] = [choice(labels[40])]
+    second = run(job_settings, client, cache, status)
+    assert second["outcome"] == "trained"
+    assert second["metrics"]["embedded"] == {"cached": 3 * 150 - 20, "computed": 20}

@@ -1,0 +1,206 @@
+"""Embeddings cached per (image, backbone): a job embeds only the images it has not seen.
+
+One retrain needs the pool's embeddings under up to three frozen backbones (the project's
+self-supervised one, the PRETRAINED weights, and the backbone under the served head), and the
+next retrain needs them again. They depend only on the image and the backbone's weights, so they
+are kept on disk and a job computes only what is new: images added since, and every image once
+per new backbone (after pretraining again, or a fine-tune).
+
+A backbone is named by a hash of its weights (``fc`` excluded) and the image size
+(:func:`backbone_key`); an image by a hash of its URL (the image cache's own key, so an image
+whose content changes at the same URL is stale here exactly as it is there). Files:
+``MODEL_DIR/<project>/embeddings/<backbone key>/part-<n>.npz``, each with ``keys`` (``S16``) and
+``vectors`` (``float32 [n, 512]``); a job appends one part with the rows it computed, written
+atomically, and parts are merged into one past ``MAX_PARTS``. The ``KEEP`` most recently used
+backbones of a project are kept; older ones are deleted. Disk: 2 KiB per image and backbone
+(20 MiB for 10,000 images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ml_backend.model.network import EMBEDDING_DIM
+
+log = logging.getLogger(__name__)
+
+KEEP = 4
+MAX_PARTS = 16
+# Images are embedded this many at a time when only some are missing (bounded memory: the rows
+# to embed are copied out of the pool one chunk at a time).
+CHUNK = 4096
+
+
+def image_key(url: str) -> bytes:
+    """The 16-byte cache key of an image URL."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16].encode()
+
+
+def backbone_key(model: nn.Module, image_size: int) -> str:
+    """A name for the backbone of ``model`` (its weights except ``fc``) at ``image_size``."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str(int(image_size)).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        if name.startswith("fc."):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class EmbeddingCache:
+    """The cached embeddings of one project.
+
+    Args:
+        root: ``MODEL_DIR``.
+        project_id: the Label Studio project.
+        keep: how many backbones' embeddings to keep.
+    """
+
+    def __init__(self, root: str | Path, project_id: int, keep: int = KEEP):
+        self.dir = Path(root) / str(int(project_id)) / "embeddings"
+        self.keep = keep
+
+    def lookup(self, backbone: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors, missing)``: ``float32 [n, 512]`` rows for ``keys`` (zeros where missing)
+        and the indices of the keys that have no row yet."""
+        vectors = np.zeros((len(keys), EMBEDDING_DIM), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        folder = self.dir / backbone
+        if folder.is_dir():
+            os.utime(folder)  # most recently used: kept by prune
+            position = {k: i for i, k in enumerate(keys.tolist())}
+            for part in sorted(folder.glob("part-*.npz")):
+                try:
+                    with np.load(part) as data:
+                        part_keys, part_vectors = data["keys"], data["vectors"]
+                except (OSError, ValueError, KeyError) as exc:  # damaged: recomputed
+                    log.warning("embedding cache part %s unreadable (%s); ignored", part, exc)
+                    continue
+                rows = [(position[k], j) for j, k in enumerate(part_keys.tolist()) if k in position]
+                if rows:
+                    dst, src = np.asarray(rows, dtype=np.int64).T
+                    vectors[dst] = part_vectors[src]
+                    found[dst] = True
+        return vectors, np.flatnonzero(~found)
+
+    def add(self, backbone: str, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """Store rows (one new part, atomically); merge parts past ``MAX_PARTS``; prune."""
+        if len(keys) == 0:
+            return
+        folder = self.dir / backbone
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = sorted(folder.glob("part-*.npz"))
+        number = 1 + max((int(p.stem.split("-")[1]) for p in parts), default=0)
+        _write(folder / f"part-{number:06d}.npz", keys, vectors)
+        if len(parts) + 1 > MAX_PARTS:
+            self._merge(folder)
+        self.prune()
+
+    def prune(self) -> list[str]:
+        """Delete all but the ``keep`` most recently used backbones; returns what was deleted."""
+        if not self.dir.is_dir():
+            return []
+        folders = sorted(
+            (p for p in self.dir.iterdir() if p.is_dir()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        gone = []
+        for old in folders[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old.name)
+        return gone
+
+    def _merge(self, folder: Path) -> None:
+        parts = sorted(folder.glob("part-*.npz"))
+        keys, vectors = [], []
+        for part in parts:
+            with np.load(part) as data:
+                keys.append(data["keys"])
+                vectors.append(data["vectors"])
+        all_keys = np.concatenate(keys)
+        # The newest row of a key wins (later parts come later).
+        _, last = np.unique(all_keys[::-1], return_index=True)
+        rows = np.sort(len(all_keys) - 1 - last)
+        merged = folder / f"part-{int(parts[-1].stem.split('-')[1]) + 1:06d}.npz"
+        _write(merged, all_keys[rows], np.concatenate(vectors)[rows])
+        for part in parts:
+            part.unlink()
+
+
+def _write(path: Path, keys: np.ndarray, vectors: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, keys=np.asarray(keys, dtype="S16"), vectors=vectors.astype(np.float32))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_embeddings(
+    cache: EmbeddingCache | None,
+    model: nn.Module,
+    images: np.ndarray,
+    keys: np.ndarray | None,
+    embed: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, dict]:
+    """Embeddings of ``images`` under ``model``'s backbone, computing only the missing rows.
+
+    Args:
+        cache: the project's cache, or None (compute everything, store nothing).
+        model: the network whose backbone embeds.
+        images: ``uint8 [N, S, S, 3]`` (a memmap is read in chunks, never copied whole).
+        keys: the image keys (``S16 [N]``), or None (no cache).
+        embed: computes ``float32 [n, 512]`` embeddings of a ``uint8`` batch of images.
+
+    Returns:
+        ``(embeddings, info)``, ``info`` saying how many rows came from the cache and how long
+        the rest took.
+    """
+    t0 = time.monotonic()
+    if cache is None or keys is None:
+        vectors = embed(images)
+        return vectors, {"cached": 0, "computed": len(images), "seconds": time.monotonic() - t0}
+    backbone = backbone_key(model, images.shape[1] if images.ndim == 4 else 0)
+    vectors, missing = cache.lookup(backbone, keys)
+    if len(missing) == len(images):
+        vectors = embed(images)  # the whole pool: read it in order, no copy
+    else:
+        for start in range(0, len(missing), CHUNK):
+            rows = missing[start : start + CHUNK]
+            vectors[rows] = embed(images[rows])
+    cache.add(backbone, keys[missing], vectors[missing])
+    info = {
+        "backbone": backbone,
+        "cached": len(images) - len(missing),
+        "computed": len(missing),
+        "seconds": time.monotonic() - t0,
+    }
+    return vectors, info
+
+
+def head_probs(model: nn.Module, embeddings: np.ndarray, batch: int = 65536) -> np.ndarray:
+    """``float32 [N, C]`` softmax of ``model.fc`` on ``embeddings`` (what ``predict`` returns)."""
+    weight = model.fc.weight.detach().float().cpu()
+    bias = model.fc.bias.detach().float().cpu()
+    out = np.empty((len(embeddings), weight.shape[0]), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(embeddings), batch):
+            x = torch.from_numpy(np.ascontiguousarray(embeddings[start : start + batch]))
+            out[start : start + batch] = F.linear(x, weight, bias).softmax(dim=1).numpy()
+    return out
