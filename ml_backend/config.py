@@ -77,7 +77,9 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "FINETUNE_MIN_LABELS": (
         "200",
         "From this many labels on, fine-tuning the whole network is tried against the head on "
-        "frozen embeddings and served when validation prefers it.",
+        "frozen embeddings, after the job's head version is live, and served as a second "
+        "version when validation prefers it; tried again when the labels grow by half. Jobs "
+        "between fit heads only (also on the last fine-tuned network), in seconds.",
     ),
     "EPOCHS": (
         "0",

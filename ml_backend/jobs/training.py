@@ -71,6 +71,9 @@ SIZE_SAMPLE = 64
 # The backbone is pretrained again when the pool has grown by this factor since the last time.
 PRETRAIN_AGAIN_AT = 1.5
 BACKBONES_KEPT = 2
+# From FINETUNE_MIN_LABELS labels a job fine-tunes again (after its head version is live) when
+# the labels have grown by this factor since the last fine-tune; jobs between are heads only.
+FINETUNE_AGAIN_AT = 1.5
 # Acceptance counts as evidence for ``auto`` from this many scored pre-annotations on.
 MIN_ACCEPTANCE_N = 20
 QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "queue_depth", "seed",
@@ -392,7 +395,8 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     previous = store.latest(run.project_id)
     same_labels = previous is not None and previous.labels == pool.label_names
     backbone, state, source, initial = _backbone(run, pool)
-    key = model_key(pool, run.settings, backbone)
+    tuned = _tuned_backbone(run, pool)
+    key = model_key(pool, run.settings, backbone + (f"+{tuned[0]}" if tuned else ""))
     retrain = not (
         same_labels and previous.metrics.get("model_key") == key and run.reason not in FORCE_REASONS
     )
@@ -413,9 +417,14 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     }
     t0, embedding_before = time.monotonic(), run.timings.get("predict_s", 0.0)
     if retrain:
-        candidates = [(backbone, state, source)]
+        candidates = [(backbone, state, source, None)]
         if initial is not None:
-            candidates.append(("PRETRAINED weights", initial, "PRETRAINED"))
+            candidates.append(("PRETRAINED weights", initial, "PRETRAINED", None))
+        if tuned is not None:
+            name, tuned_state, meta = tuned
+            candidates.append(
+                (name, tuned_state, f"fine-tuned {name}", float(meta["val_accuracy"]))
+            )
         model, fitted = _train(run, pool, candidates)
         metrics.update(fitted)
     else:
@@ -429,7 +438,23 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         metrics["retrained"] = False
     # train_s without the embedding passes inside it (those count under predict_s)
     run.lap("train", t0, less=run.timings.get("predict_s", 0.0) - embedding_before)
+    basis = None if retrain else previous.version
+    version = _serve(run, spec, pool, store, model, metrics, key, basis)
+    outcome = "trained" if retrain else "re-ranked (labels unchanged)"
+    if retrain and _finetune_due(run, pool):
+        finetuned = _finetune(run, pool, backbone, state)
+        if finetuned is not None:
+            tuned_model, fitted = finetuned
+            metrics = {**metrics, **fitted, "served_backbone": backbone}
+            key = model_key(pool, run.settings, f"{backbone}+{fitted['finetuned_backbone']}")
+            version = _serve(run, spec, pool, store, tuned_model, metrics, key, None)
+            outcome = "trained (fine-tuned after a head version)"
+    return _finish(run, outcome, version, metrics)
 
+
+def _serve(run: _Run, spec, pool: Pool, store, model, metrics: dict, key: str, basis) -> str:
+    """Predict the pool with ``model``, rank it, write the version and publish it; returns the
+    version. ``basis``: the version whose model this is when it was not retrained (else None)."""
     probs, embeddings = _predict_pool(run, model, pool)
     accepted = metrics.get("acceptance") or {}
     ranking = _rank(
@@ -445,7 +470,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     metrics.update(
         fingerprint=pool.fingerprint(),
         model_key=key,
-        queue_key=queue_key(version if retrain else previous.version, pool, run.settings),
+        queue_key=queue_key(basis or version, pool, run.settings),
         strategy=ranking.strategy,
         pool_size=len(pool.task_ids),
         skipped_tasks=len(pool.skipped),
@@ -470,28 +495,115 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     _push(run, items, version, path, metrics)
     _remember_pushed(run, items, version, spec)
     store.prune(run.project_id, run.settings.keep_versions)
-    return _finish(run, "trained" if retrain else "re-ranked (labels unchanged)", version, metrics)
+    return version
+
+
+def _tuned_backbone(run: _Run, pool: Pool):
+    """The newest fine-tuned network of the project at this image size (``(name, state, meta)``)
+    or None; the fast path puts a head on it once it exists."""
+    try:
+        found = BackboneStore(run.settings.model_dir, kind="finetuned").latest(run.project_id)
+    except BackendError as exc:
+        log.warning("project %s: fine-tuned network ignored: %s", run.project_id, exc)
+        return None
+    if found is None or int(found[2].get("image_size", 0)) != int(pool.images.shape[1]):
+        return None
+    if found[2].get("label_names") != pool.label_names or found[2].get("val_accuracy") is None:
+        return None  # fine-tuned for another label set: not comparable
+    return found
+
+
+def _finetune_due(run: _Run, pool: Pool) -> bool:
+    """From FINETUNE_MIN_LABELS labels: when no fine-tune was tried yet, or the labels have grown
+    by FINETUNE_AGAIN_AT since the last try (won or lost). Every other job is heads only."""
+    n = pool.n_labeled
+    if n < run.settings.finetune_min_labels:
+        return False
+    last = BackboneStore(run.settings.model_dir, kind="finetuned").last_try(run.project_id)
+    if last is None or int(last.get("image_size", 0)) != int(pool.images.shape[1]):
+        return True
+    return n >= FINETUNE_AGAIN_AT * max(1, int(last.get("labels", 0)))
+
+
+def _finetune(run: _Run, pool: Pool, backbone: str, state: dict):
+    """The slow step, after the head version is live: fine-tune the whole network from the
+    project's backbone, validated on the hash split against the head (``model.recipe``). When it
+    wins, it is refit on every label, kept as a fine-tuned network (later jobs put heads on it)
+    and returned with its metrics for a second version; else None."""
+    t0, embedding_before = time.monotonic(), run.timings.get("predict_s", 0.0)
+    labeled = np.flatnonzero(pool.labeled_mask)
+    run.progress(stage="training", labels=len(labeled), backbone=backbone, fine_tune=True)
+    log.info(
+        "project %s: fine-tuning from %s on %d labels (the head version is live meanwhile)",
+        run.project_id,
+        backbone,
+        len(labeled),
+    )
+    model, fitted = train_served_model(
+        pool.images,
+        labeled,
+        pool.labels[labeled],
+        pool.task_ids,
+        len(pool.label_names),
+        backbone_state=state,
+        embeddings=_embed(run, pool, state),
+        cfg=dataclasses.replace(RecipeConfig.from_settings(run.settings), finetune_min_labels=1),
+        device=run.device,
+        progress=lambda info: run.progress(stage="training", fine_tune=True, **info),
+        log=log,
+    )
+    store = BackboneStore(run.settings.model_dir, kind="finetuned")
+    size = int(pool.images.shape[1])
+    store.record_try(
+        run.project_id,
+        {"labels": len(labeled), "image_size": size, "served": fitted.get("served"),
+         "why": fitted.get("why"), "at": time.time()},
+    )  # fmt: skip
+    run.lap("finetune", t0, less=run.timings.get("predict_s", 0.0) - embedding_before)
+    if fitted.get("served") != "finetune":
+        log.info(
+            "project %s: the fine-tune did not beat the head (%s); next try at %d labels",
+            run.project_id,
+            fitted.get("why"),
+            int(np.ceil(FINETUNE_AGAIN_AT * len(labeled))),
+        )
+        return None
+    name = store.save(
+        run.project_id,
+        dataclasses.make_dataclass("Tuned", ["state_dict", "epochs", "images_seen", "seconds",
+                                             "loss"])(model.state_dict(), 0, 0, 0.0, None),
+        image_size=size,
+        pool_key=pool.fingerprint(),
+        pool_size=len(pool.task_ids),
+        extra={"val_accuracy": fitted.get("val_accuracy"), "labels": len(labeled),
+               "from": backbone, "label_names": pool.label_names},
+    )  # fmt: skip
+    store.prune(run.project_id, keep=BACKBONES_KEPT)
+    return model, {**fitted, "finetuned_backbone": name, "retrained": True}
 
 
 REUSED_METRICS = ("val_accuracy", "val_size", "train_size", "served", "why", "candidates",
                   "served_backbone", "backbones_tried")  # fmt: skip
 
 
-def _train(run: _Run, pool: Pool, candidates: list[tuple[str, dict, str]]):
-    """The served model (``model.recipe``): a head on frozen backbone embeddings, with
-    pseudo-labels when cross-validation prefers them, or from FINETUNE_MIN_LABELS a fine-tuned
-    network when validation prefers it; refit on every label before it is served.
+def _train(run: _Run, pool: Pool, candidates: list[tuple]):
+    """The fast served model (``model.recipe``): a head on frozen backbone embeddings, with
+    pseudo-labels when cross-validation prefers them, refit on every label before it is served.
 
-    ``candidates``: ``(name, state_dict, source)`` backbones, the project's self-supervised one
-    first. A head on the PRETRAINED weights (random init without ImageNet) is tried too and
-    served when its cross-validated accuracy is higher: SimCLR learns invariance to colour and
-    brightness, which is sometimes exactly what tells the classes apart (weather, stains).
-    Ties go to the first.
+    ``candidates``: ``(name, state_dict, source, known_accuracy)`` backbones, the project's
+    self-supervised one first. A head on the PRETRAINED weights (random init without ImageNet)
+    is tried too and served when its cross-validated accuracy is higher: SimCLR learns
+    invariance to colour and brightness, which is sometimes exactly what tells the classes
+    apart (weather, stains). The project's latest fine-tuned network comes with the accuracy it
+    had on held-out tasks (``known_accuracy``), since it saw the labels a cross-validation would
+    hold out. Ties go to the first.
     """
     labeled = np.flatnonzero(pool.labeled_mask)
-    cfg = RecipeConfig.from_settings(run.settings)
+    # Heads only: the fine-tune is a later step of the job (``_finetune``), after this version
+    # is live, and only when it is due.
+    cfg = dataclasses.replace(RecipeConfig.from_settings(run.settings), finetune_min_labels=10**9)
     best, tried = None, {}
-    for i, (name, state, source) in enumerate(candidates):
+    for name, state, source, known in candidates:
         embeddings = _embed(run, pool, state)
         run.progress(stage="training", labels=len(labeled), backbone=name)
         model, fitted = train_served_model(
@@ -502,8 +614,7 @@ def _train(run: _Run, pool: Pool, candidates: list[tuple[str, dict, str]]):
             len(pool.label_names),
             backbone_state=state,
             embeddings=embeddings,
-            # Only the project's own backbone is worth a fine-tune (the other is a head only).
-            cfg=cfg if i == 0 else dataclasses.replace(cfg, finetune_min_labels=10**9),
+            cfg=cfg,
             device=run.device,
             progress=lambda info: run.progress(stage="training", **info),
             log=log,
@@ -511,6 +622,11 @@ def _train(run: _Run, pool: Pool, candidates: list[tuple[str, dict, str]]):
         # Cross-validated accuracy first; on a tie (common with a few dozen labels) the
         # backbone whose embeddings put each labeled image next to one of its class
         # (leave-one-out 1-NN on the labeled set); then the first.
+        if known is not None:
+            # A fine-tuned network saw these labels: a head on it cross-validates too well, so
+            # it counts with the accuracy its fine-tune had on held-out tasks.
+            fitted = {**fitted, "val_accuracy": known, "why": f"{name} had {known:.3f} on the "
+                      "hash split's held-out tasks when it was fine-tuned"}  # fmt: skip
         score = (
             _or_minus(fitted.get("val_accuracy")),
             _loo_1nn(embeddings[labeled], pool.labels[labeled]),

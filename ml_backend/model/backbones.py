@@ -21,10 +21,10 @@ from ml_backend.errors import BackendError
 logger = logging.getLogger(__name__)
 
 FOLDER = "backbones"
-NAME_RE = re.compile(r"^b([1-9][0-9]*)$")
 WEIGHTS = "backbone.pt"
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
+LAST_TRY = "last_try.json"
 
 
 class BackboneError(BackendError):
@@ -32,27 +32,39 @@ class BackboneError(BackendError):
 
 
 class BackboneStore:
-    """Self-supervised backbones of every project under ``model_dir``."""
+    """Backbones of every project under ``model_dir``: the self-supervised ones (``b<n>`` in
+    ``backbones/``), or with ``kind="finetuned"`` the fine-tuned networks the fast path puts
+    heads on (``f<n>`` in ``finetuned/``)."""
 
-    def __init__(self, model_dir: Path | str):
+    def __init__(self, model_dir: Path | str, kind: str = "self-supervised"):
         self.model_dir = Path(model_dir)
+        self.subfolder, self.prefix = ("finetuned", "f") if kind == "finetuned" else (FOLDER, "b")
+        self.name_re = re.compile(rf"^{self.prefix}([1-9][0-9]*)$")
 
     def folder(self, project_id: int) -> Path:
         """``MODEL_DIR/<project>/backbones`` (project ids are ints)."""
-        return self.model_dir / str(int(project_id)) / FOLDER
+        return self.model_dir / str(int(project_id)) / self.subfolder
 
     def names(self, project_id: int) -> list[str]:
         """Complete backbones of a project, oldest first."""
         folder = self.folder(project_id)
         if not folder.is_dir():
             return []
-        found = [e.name for e in folder.iterdir() if NAME_RE.match(e.name) and e.is_dir()]
+        found = [e.name for e in folder.iterdir() if self.name_re.match(e.name) and e.is_dir()]
         return sorted(found, key=_number)
 
     def save(
-        self, project_id: int, result, *, image_size: int, pool_key: str, pool_size: int
+        self,
+        project_id: int,
+        result,
+        *,
+        image_size: int,
+        pool_key: str,
+        pool_size: int,
+        extra: dict | None = None,
     ) -> str:
-        """Write ``result`` (a ``PretrainResult``) as the next backbone; returns its name."""
+        """Write ``result`` (a ``PretrainResult``, or anything with its fields) as the next
+        backbone, ``extra`` added to its meta; returns its name."""
         import torch
 
         folder = self.folder(project_id)
@@ -60,8 +72,10 @@ class BackboneStore:
         for entry in folder.iterdir():
             if entry.name.startswith(TMP_PREFIX):
                 shutil.rmtree(entry, ignore_errors=True)
-        name = f"b{max((_number(n) for n in self.names(project_id)), default=0) + 1}"
+        number = max((_number(n) for n in self.names(project_id)), default=0) + 1
+        name = f"{self.prefix}{number}"
         meta = {
+            **(extra or {}),
             "name": name,
             "image_size": int(image_size),
             "pool_key": str(pool_key),
@@ -114,6 +128,21 @@ class BackboneStore:
             ) from exc
         return names[-1], state, meta
 
+    def last_try(self, project_id: int) -> dict | None:
+        """What :meth:`record_try` wrote last (``None``: never, or unreadable)."""
+        try:
+            return json.loads((self.folder(project_id) / LAST_TRY).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def record_try(self, project_id: int, info: dict) -> None:
+        """Remember an attempt (e.g. a fine-tune that lost), written atomically."""
+        folder = self.folder(project_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{TMP_PREFIX}{LAST_TRY}-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+        os.replace(tmp, folder / LAST_TRY)
+
     def prune(self, project_id: int, keep: int = 2) -> list[str]:
         """Delete all but the newest ``keep`` backbones; returns the names removed."""
         if keep < 1:
@@ -129,7 +158,7 @@ class BackboneStore:
 
 
 def _number(name: str) -> int:
-    return int(NAME_RE.match(name).group(1))
+    return int(name[1:])
 
 
 def _reason(exc: BaseException) -> str:

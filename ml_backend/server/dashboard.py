@@ -51,6 +51,7 @@ STAGES = {
     "predicting": "predicting every task",
     "pushing": "pushing predictions to Label Studio",
 }
+FINE_TUNING = "fine-tuning the whole network (the head version is live meanwhile)"
 
 
 def _ext() -> dict:
@@ -129,6 +130,8 @@ def progress_text(status: dict) -> tuple[str, float | None]:
     if status.get("state") != "running":
         return "", None
     words = STAGES.get(stage, stage or "starting")
+    if stage == "training" and progress.get("fine_tune"):
+        words = FINE_TUNING
     fraction = None
     if stage == "training" and progress.get("epochs"):
         epoch = progress.get("epoch") or 0

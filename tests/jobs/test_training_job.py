@@ -391,3 +391,45 @@ def test_each_image_is_embedded_once_per_backbone(world, job_settings, redis_con
     second = run(job_settings, client, cache, status)
     assert second["outcome"] == "trained"
     assert second["metrics"]["embedded"] == {"cached": 3 * 150 - 20, "computed": 20}
+
+
+def test_the_fine_tune_comes_after_a_live_head_version_and_only_when_due(
+    world, job_settings, redis_conn, monkeypatch
+):
+    from ml_backend.model import recipe
+    from ml_backend.model.backbones import BackboneStore
+
+    settings = job_settings.with_overrides(finetune_min_labels=40, epochs=1)
+    tasks, labels, cache = world
+    for i in range(60):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    tries = BackboneStore(settings.model_dir, kind="finetuned")
+    # The fine-tune loses on the hash split: only the head version is published.
+    monkeypatch.setattr(recipe, "_try_finetune", lambda *a, **k: (0.4, 0.8, 12))
+    out = run(settings, client, cache, status)
+    assert [c[1] for c in client.calls if c[0] == "activate"] == ["resnet18-v1"]
+    assert out["metrics"]["served"].startswith("head") and "finetune_s" in out["metrics"]["timings"]
+    assert tries.last_try(1)["labels"] == 60 and tries.names(1) == []
+    # 1.5x the labels: tried again, and this time it wins. The head version goes live first;
+    # the fine-tuned network, refit on every label, follows as a second version.
+    for i in range(60, 90):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    monkeypatch.setattr(recipe, "_try_finetune", lambda *a, **k: (0.95, 0.8, 18))
+    out = run(settings, client, cache, status)
+    activated = [c[1] for c in client.calls if c[0] == "activate"]
+    assert activated == ["resnet18-v1", "resnet18-v2", "resnet18-v3"]
+    assert out["model_version"] == "resnet18-v3" and out["metrics"]["served"] == "finetune"
+    assert out["metrics"]["labels_used"] == 90 and tries.names(1) == ["f1"]
+    # A few more labels: not due (90 x 1.5 = 135), so heads only, now also on the fine-tuned
+    # network, which counts with its held-out accuracy (0.95, not a cross-validation).
+    for i in range(90, 95):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    monkeypatch.setattr(recipe, "_try_finetune", lambda *a, **k: pytest.fail("not due"))
+    out = run(settings, client, cache, status)
+    assert out["model_version"] == "resnet18-v4" and "finetune_s" not in out["metrics"]["timings"]
+    tried = out["metrics"]["backbones_tried"]
+    assert tried["f1"] == 0.95 and set(tried) == {"b1", "PRETRAINED weights", "f1"}
+    best = max(tried.values())
+    assert tried[out["metrics"]["served_backbone"]] == best == out["metrics"]["val_accuracy"]
+    assert out["metrics"]["labels_used"] == 95

@@ -83,6 +83,11 @@ def test_progress_words():
         "training: epoch 3 of 12, loss 0.512, validation accuracy 66%",
         0.25,
     )
+    running["progress"]["fine_tune"] = True  # the slow step, after the head version
+    assert progress_text(running)[0] == (
+        "fine-tuning the whole network (the head version is live meanwhile): epoch 3 of 12, "
+        "loss 0.512, validation accuracy 66%"
+    )
     predicting = {"state": "running", "progress": {"stage": "predicting", "done": 50, "total": 200}}
     assert progress_text(predicting) == ("predicting every task: 50 of 200 tasks", 0.25)
     assert progress_text({"state": "idle", "progress": {"stage": "pushing"}}) == ("", None)

