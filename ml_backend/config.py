@@ -129,6 +129,12 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "Seconds a superseded version's predictions stay in Label Studio before they are deleted, "
         "so a task opened with one can still be submitted (Label Studio's task lock lasts 24 h).",
     ),
+    "TASK_RESYNC_S": (
+        "600",
+        "A job reads only the tasks Label Studio changed since the last job (and lists every "
+        "task when the count differs: deleted tasks); every task is listed at least this often. "
+        "0: every job lists every task.",
+    ),
     "JOB_SETTLE_S": (
         "1.0",
         "A job waits until this many seconds passed since the project's last webhook before it "
@@ -367,6 +373,7 @@ class Settings:
     queue_depth: int = 100
     prediction_grace: float = 86400.0
     job_settle_s: float = 1.0
+    task_resync_s: float = 600.0
     job_lease_s: int = 30
     job_retry_s: float = 30.0
     reconcile_s: float = 15.0
@@ -435,6 +442,7 @@ class Settings:
             queue_depth=_int("QUEUE_DEPTH", get("QUEUE_DEPTH"), minimum=1),
             prediction_grace=_float("PREDICTION_GRACE", get("PREDICTION_GRACE"), 0.0, 30 * 86400),
             job_settle_s=_float("JOB_SETTLE_S", get("JOB_SETTLE_S"), 0.0, 30.0),
+            task_resync_s=_float("TASK_RESYNC_S", get("TASK_RESYNC_S"), 0.0, 86_400.0),
             job_lease_s=_int("JOB_LEASE_S", get("JOB_LEASE_S"), minimum=3),
             job_retry_s=_float("JOB_RETRY_S", get("JOB_RETRY_S"), 1.0, 3600.0),
             reconcile_s=_float("RECONCILE_S", get("RECONCILE_S"), 1.0, 3600.0),

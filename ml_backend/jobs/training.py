@@ -42,6 +42,7 @@ from ml_backend.jobs.publish import (
     queue_rows,
     queue_top,
 )
+from ml_backend.jobs.task_index import TaskIndex
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.backbones import BackboneStore
@@ -135,6 +136,7 @@ class _Run:
     timings: dict = dataclasses.field(default_factory=dict)
     # embedding rows this job took from the cache / computed (all passes together)
     embedded: dict = dataclasses.field(default_factory=lambda: {"cached": 0, "computed": 0})
+    listing: dict = dataclasses.field(default_factory=dict)  # how the tasks were read
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def progress(self, **fields) -> None:
@@ -225,8 +227,19 @@ def _fetch(run: _Run, image_cache):
     spec = run.client.label_spec(run.project_id)
     if run.snapshot is not None:
         run.snapshot()  # labels from here on are in this run; later webhooks get a follow-up
+    tasks, listing = TaskIndex(run.settings.model_dir, run.project_id).read(
+        run.client, run.project_id, run.settings.task_resync_s, full=run.reason in FORCE_REASONS
+    )
+    run.listing = listing
+    log.info(
+        "project %s: %s",
+        run.project_id,
+        f"read {listing['read']} changed task(s) from Label Studio ({len(tasks)} in the index)"
+        if listing["listing"] == "changed"
+        else f"listed all {len(tasks)} tasks ({listing['why']})",
+    )
     pool = build_pool(
-        run.client.iter_tasks(run.project_id),
+        tasks,
         spec,
         image_cache
         or (lambda items: ImageCache(run.settings, run.client, _image_size(run, items))),
@@ -481,6 +494,7 @@ def _serve(run: _Run, spec, pool: Pool, store, model, metrics: dict, key: str, b
             ranking, pool.task_ids, probs, predicted, run.settings.queue_batch, pool.label_names
         ),
         embedded=dict(run.embedded),
+        task_listing=dict(run.listing),
     )
     path = store.save(
         run.project_id,

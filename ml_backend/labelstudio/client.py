@@ -37,7 +37,7 @@ __all__ = ["QUEUE_VIEW_TITLE", "TASK_FIELDS", "LabelStudioClient", "basic_auth_h
 
 QUEUE_VIEW_TITLE = "Active learning queue"
 # Only what training and ranking read; ``expand`` makes LS send full annotations, not stubs.
-TASK_FIELDS = "id,data,annotations,meta,is_labeled"
+TASK_FIELDS = "id,data,annotations,meta,is_labeled,updated_at"
 _RETRY_STATUS = {429, 500, 502, 503, 504}
 
 
@@ -232,11 +232,14 @@ class LabelStudioClient(WebhookAuth):
         """The project's Image + Choices pair (raises LabelConfigError when it has none)."""
         return parse_config(self.project(pid)["label_config"])
 
-    def iter_tasks(self, pid: int) -> Iterator[dict]:
-        """Every task of the project with full annotations, one page in memory at a time.
+    def iter_tasks(self, pid: int, updated_after: str | None = None) -> Iterator[dict]:
+        """Every task of the project with full annotations, one page in memory at a time; with
+        ``updated_after`` (an ISO time of Label Studio's clock) only the tasks whose
+        ``updated_at`` is later (Label Studio bumps it when an annotation or prediction of the
+        task is saved or deleted; a new task has its creation time).
 
-        Yields dicts with ``id, data, annotations, meta, is_labeled`` (``data`` URLs resolved by
-        Label Studio, e.g. cloud URIs become ``/tasks/<id>/resolve/?fileuri=...``).
+        Yields dicts with ``id, data, annotations, meta, is_labeled, updated_at`` (``data`` URLs
+        resolved by Label Studio, e.g. cloud URIs become ``/tasks/<id>/resolve/?fileuri=...``).
 
         Paging ends at the ``total`` Label Studio reports, at an empty page or at its 404
         "Invalid page", never at a short page: a server with ``TASK_API_PAGE_SIZE_MAX`` below
@@ -247,6 +250,11 @@ class LabelStudioClient(WebhookAuth):
                 page number), so paging on would never end or would repeat tasks.
         """
         options = {"additional_query_parameters": {"expand": "annotations"}}
+        query = None
+        if updated_after is not None:
+            item = {"filter": "filter:tasks:updated_at", "operator": "greater",
+                    "type": "Datetime", "value": updated_after}  # fmt: skip
+            query = json.dumps({"filters": {"conjunction": "and", "items": [item]}})
         page, seen, previous_first, said_short = 1, 0, None, False
         while True:
 
@@ -257,6 +265,7 @@ class LabelStudioClient(WebhookAuth):
                     page_size=self._page_size,
                     fields="all",
                     include=TASK_FIELDS,
+                    query=query,
                     request_options=options,
                 )
 

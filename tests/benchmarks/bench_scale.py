@@ -9,8 +9,10 @@ defaults except ``PRETRAINED=none`` and ``DEVICE=cpu``) and its own project with
 1. the first full pass: the import, the cold start (self-supervised pretraining included) and a
    first trained version on ``--labels`` labels (two per class and more), each until idle;
 2. then ``--rounds`` times: one more label through the API, and the seconds until Label Studio
-   serves a version trained on it (``label -> live``), with the job's steps (``/status``
-   timings), the predictions it wrote, and how many images it embedded (the rest from cache);
+   serves a version trained on it (``label -> live``, polled every 0.1 s) and until the job
+   that made it finished (the notes on the top tasks and the pruning come after the switch),
+   with the job's steps (``/status`` timings), the predictions it wrote, and how many images it
+   embedded (the rest came from the cache);
 3. the worker's peak resident memory over the measured rounds (psutil, sampled every 0.2 s).
 
     .venv/bin/python tests/benchmarks/bench_scale.py --tasks 10000 --compare /tmp/ml-backend-before
@@ -90,16 +92,23 @@ def job_of(status: dict, version: str) -> dict:
     return next((j for j in status.get("history", []) if j.get("model_version") == version), {})
 
 
-def wait_live(api, backend, project: int, labels: int, timeout_s: float) -> tuple[float, str]:
-    """Seconds until Label Studio serves a version trained on ``labels`` labels; the version."""
+def wait_live(api, backend, project: int, labels: int, before: str, timeout_s: float):
+    """``(seconds to the switch, seconds to the job's end, version)``: the switch is the first
+    time Label Studio shows a version other than ``before``; the job that made it must have been
+    trained on ``labels`` labels (checked once it finished)."""
     t0 = time.monotonic()
+    switched = None
     while time.monotonic() - t0 < timeout_s:
         live = api.project(project).get("model_version")
-        if live:
+        if switched is None and live and live != before:
+            switched = time.monotonic() - t0
+        if switched is not None:
             used = job_of(backend.project_status(project, history=20), live).get("metrics") or {}
             if used.get("labels_used") == labels:
-                return time.monotonic() - t0, live
-        time.sleep(0.2)
+                return switched, time.monotonic() - t0, live
+            if used:  # a job on fewer labels switched first: wait for the next switch
+                switched, before = None, live
+        time.sleep(0.1)
     raise TimeoutError(f"no version trained on {labels} labels went live\n{backend.logs(40)}")
 
 
@@ -135,14 +144,18 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
         peak.start()
         rounds = []
         for task in order[args.labels : args.labels + args.rounds]:
+            before = api.project(project).get("model_version")
             api.annotate(task, truth[task])
             labeled.append(task)
-            seconds, version = wait_live(api, backend, project, len(labeled), args.timeout)
+            seconds, done_s, version = wait_live(
+                api, backend, project, len(labeled), before, args.timeout
+            )
             status = backend.wait_idle(project, timeout_s=args.timeout, quiet_s=2)
             metrics = job_of(status, version).get("metrics") or {}
             rounds.append(
                 {
                     "live_s": seconds,
+                    "done_s": done_s,
                     "timings": metrics.get("timings") or {},
                     "written": metrics.get("predictions_pushed"),
                     "embedded": (metrics.get("embedded") or {}).get("computed", "-"),
@@ -158,6 +171,7 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
             "cold_s": cold_s,
             "first_s": first_s,
             "live_s": statistics.median(r["live_s"] for r in rounds),
+            "done_s": statistics.median(r["done_s"] for r in rounds),
             "steps": {
                 k: statistics.median(float(r["timings"].get(k, 0.0)) for r in rounds) for k in STEPS
             },
@@ -193,16 +207,17 @@ def main() -> int:
         "one more label; medians over the rounds; worker peak memory over the rounds\n"
     )
     steps = " | ".join(s.removesuffix("_s") for s in STEPS[:-1])
-    print(f"| code | label -> live s | {steps} | predictions written | images embedded | "
+    print(f"| code | label -> live s | label -> job done s | {steps} | predictions written | images embedded | "
           "worker peak GB | cold start s | first version s |")  # fmt: skip
-    print("|---|" + "---:|" * (len(STEPS) + 6))
+    print("|---|" + "---:|" * (len(STEPS) + 7))
     for r in rows:
         cells = " | ".join(f"{r['steps'][s]:.1f}" for s in STEPS[:-1])
-        print(f"| {r['code']} | {r['live_s']:.1f} | {cells} | {r['written']:.0f} | "
+        print(f"| {r['code']} | {r['live_s']:.1f} | {r['done_s']:.1f} | {cells} | {r['written']:.0f} | "
               f"{r['embedded']} | {r['peak_gb']:.2f} | {r['cold_s']:.0f} | {r['first_s']:.0f} |")  # fmt: skip
     if len(rows) == 2:
         new, old = rows
         print(f"| ratio {old['code']} / {new['code']} | {old['live_s'] / new['live_s']:.2f}x | "
+              f"{old['done_s'] / new['done_s']:.2f}x |"
               + " | ".join("" for _ in STEPS[:-1]) + " | | | | | |")  # fmt: skip
     return 0
 

@@ -1,0 +1,95 @@
+"""The task index: a job reads only what Label Studio changed, and lists everything when needed."""
+
+import datetime as dt
+import json
+
+import pytest
+
+from ml_backend.jobs.task_index import OVERLAP_S, TaskIndex
+
+T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def stamp(seconds: float) -> str:
+    return (T0 + dt.timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+
+class FakeLabelStudio:
+    """Tasks with Label Studio's ``updated_at``; ``iter_tasks`` filters as its query does."""
+
+    def __init__(self, n: int):
+        self.tasks = {i: {"id": i, "data": {"image": f"/{i}.png"}, "annotations": [],
+                          "updated_at": stamp(i)} for i in range(1, n + 1)}  # fmt: skip
+        self.listings = []
+
+    def iter_tasks(self, pid, updated_after=None):
+        self.listings.append(updated_after)
+        after = None if updated_after is None else dt.datetime.fromisoformat(updated_after)
+        for task in self.tasks.values():
+            when = task.get("updated_at")
+            if after is None or dt.datetime.fromisoformat(when.replace("Z", "+00:00")) > after:
+                yield dict(task)
+
+    def project(self, pid):
+        return {"id": pid, "task_number": len(self.tasks)}
+
+    def touch(self, task_id: int, seconds: float, **fields) -> None:
+        self.tasks[task_id] = {**self.tasks[task_id], **fields, "updated_at": stamp(seconds)}
+
+
+@pytest.fixture
+def index(tmp_path):
+    return TaskIndex(tmp_path, 7)
+
+
+def test_after_a_full_listing_only_changed_and_new_tasks_are_read(index):
+    ls = FakeLabelStudio(50)
+    tasks, info = index.read(ls, 7, resync_s=600)
+    assert info == {"listing": "full", "read": 50, "why": "no index yet"} and len(tasks) == 50
+    # A label on task 3, a new task 51: only tasks updated after the newest one seen (task 50 at
+    # +50 s), less the overlap, are read.
+    ls.touch(3, 100, annotations=[{"id": 1, "result": "Sunny"}])
+    ls.tasks[51] = {"id": 51, "data": {"image": "/51.png"}, "annotations": [],
+                    "updated_at": stamp(101)}  # fmt: skip
+    tasks, info = index.read(ls, 7, resync_s=600)
+    assert info["listing"] == "changed" and info["read"] == 2 + int(OVERLAP_S)
+    assert ls.listings[-1] == "2026-12-01T12:00:45.000000Z"  # Label Studio's own format
+    assert [t["id"] for t in tasks] == list(range(1, 52))
+    assert tasks[2]["annotations"] == [{"id": 1, "result": "Sunny"}]
+    # Nothing changed: what is in the overlap is all that is read again (tasks 3 and 51).
+    assert index.read(ls, 7, resync_s=600)[1]["read"] == 2
+
+
+def test_a_deleted_task_makes_the_next_job_list_everything(index):
+    ls = FakeLabelStudio(20)
+    index.read(ls, 7, resync_s=600)
+    del ls.tasks[4]
+    tasks, info = index.read(ls, 7, resync_s=600)
+    assert info["listing"] == "full" and "the index has 20 tasks, Label Studio 19" in info["why"]
+    assert 4 not in [t["id"] for t in tasks]
+
+
+def test_full_listings_on_refresh_on_schedule_and_when_turned_off(index):
+    ls = FakeLabelStudio(10)
+    index.read(ls, 7, resync_s=600)
+    assert index.read(ls, 7, resync_s=600, full=True)[1]["why"] == "refresh"
+    assert index.read(ls, 7, resync_s=0)[1]["why"] == "TASK_RESYNC_S=0"
+    state = json.loads(index.path.read_text())
+    state["full_at"] -= 601
+    index.path.write_text(json.dumps(state))
+    info = index.read(ls, 7, resync_s=600)[1]
+    assert info["listing"] == "full" and "TASK_RESYNC_S=600" in info["why"]
+    assert index.read(ls, 7, resync_s=600)[1]["listing"] == "changed"
+
+
+def test_a_damaged_index_or_tasks_without_updated_at_mean_a_full_listing(index):
+    ls = FakeLabelStudio(10)
+    index.read(ls, 7, resync_s=600)
+    index.path.write_text("{not json")
+    assert index.read(ls, 7, resync_s=600)[1] == {"listing": "full", "read": 10,
+                                                   "why": "no index yet"}  # fmt: skip
+    for task in ls.tasks.values():  # a Label Studio that does not send updated_at
+        task.pop("updated_at")
+    index.read(ls, 7, resync_s=600, full=True)
+    info = index.read(ls, 7, resync_s=600)[1]
+    assert info["listing"] == "full" and info["why"] == "the tasks carry no updated_at"
