@@ -292,6 +292,19 @@ class StatusStore:
     def set_image_size(self, project: int | str, size: int) -> None:
         self.redis.hset(self._status_key(project), "image_size", int(size))
 
+    # -- task listing ----------------------------------------------------------------------
+    def _full_listing_key(self, project) -> str:
+        return f"{PREFIX}full_listing:{project_key(project)}"
+
+    def request_full_listing(self, project: int | str) -> None:
+        """The next job lists every task (a bulk deletion in Label Studio may not bump the
+        tasks' ``updated_at`` before its webhook arrives)."""
+        self.redis.set(self._full_listing_key(project), "1")
+
+    def take_full_listing(self, project: int | str) -> bool:
+        """Whether a full listing was requested; clears the request."""
+        return self.redis.getdel(self._full_listing_key(project)) is not None
+
     def _pushed_key(self, project) -> str:
         return f"{PREFIX}pushed:{project_key(project)}"
 

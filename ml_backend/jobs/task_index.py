@@ -68,10 +68,10 @@ class TaskIndex:
             return None
         return state
 
-    def save(self, tasks: list[dict], full_at: float) -> None:
+    def save(self, tasks: list[dict], full_at: float, unlisted: int = 0) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"format": FORMAT, "full_at": full_at, "high_water": _high_water(tasks),
-                 "tasks": tasks}  # fmt: skip
+                 "unlisted": unlisted, "tasks": tasks}  # fmt: skip
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".tasks-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -81,21 +81,27 @@ class TaskIndex:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def read(self, client, project_id: int, resync_s: float, full: bool = False):
+    def read(self, client, project_id: int, resync_s: float, full: bool | str = False):
         """Every task of the project, sorted by id, and how they were read.
 
         Args:
             client: the LabelStudioClient (``iter_tasks``, ``project``).
             project_id: the project.
             resync_s: list every task when the last full listing is older than this (0: always).
-            full: list every task now (``refresh``).
+            full: list every task now (True: ``refresh``; or a string that says why).
 
         Returns:
             ``(tasks, info)``; ``info`` has ``listing`` (``"full"`` or ``"changed"``), ``read``
             (tasks read from Label Studio) and ``why`` (the reason for a full listing).
         """
         state = None if full or resync_s <= 0 else self.load()
-        why = "refresh" if full else "TASK_RESYNC_S=0" if resync_s <= 0 else "no index yet"
+        why = (
+            (full if isinstance(full, str) else "refresh")
+            if full
+            else "TASK_RESYNC_S=0"
+            if resync_s <= 0
+            else "no index yet"
+        )
         if state is not None:
             why = self._stale(state, resync_s)
         if state is not None and why is None:
@@ -105,14 +111,20 @@ class TaskIndex:
             changed = list(client.iter_tasks(project_id, updated_after=after))
             merged = {int(t["id"]): t for t in state["tasks"]}
             merged.update({int(t["id"]): t for t in changed})
+            # The project's task count against the index (less what a full listing did not
+            # return, e.g. tasks Label Studio does not list): a difference means deleted tasks.
             expected = client.project(project_id).get("task_number")
-            if expected is None or len(merged) == int(expected):
+            unlisted = int(state.get("unlisted") or 0)
+            if expected is None or len(merged) + unlisted == int(expected):
                 tasks = [merged[k] for k in sorted(merged)]
-                self.save(tasks, state["full_at"])
+                self.save(tasks, state["full_at"], unlisted)
                 return tasks, {"listing": "changed", "read": len(changed), "why": None}
             why = f"the index has {len(merged)} tasks, Label Studio {expected} (deleted tasks)"
+        started = time.time()
         tasks = sorted(client.iter_tasks(project_id), key=lambda t: int(t["id"]))
-        self.save(tasks, time.time())
+        expected = None if resync_s <= 0 else client.project(project_id).get("task_number")
+        unlisted = 0 if expected is None else max(0, int(expected) - len(tasks))
+        self.save(tasks, started, unlisted)
         return tasks, {"listing": "full", "read": len(tasks), "why": why}
 
     @staticmethod

@@ -227,8 +227,15 @@ def _fetch(run: _Run, image_cache):
     spec = run.client.label_spec(run.project_id)
     if run.snapshot is not None:
         run.snapshot()  # labels from here on are in this run; later webhooks get a follow-up
+    full = "refresh" if run.reason in FORCE_REASONS else False
+    if run.status is not None:
+        try:  # after ANNOTATIONS_DELETED (see server.payloads.FULL_LISTING_ACTIONS)
+            if run.status.take_full_listing(run.project_id):
+                full = "annotations were deleted"
+        except RedisError as exc:
+            full = f"Redis unreachable ({type(exc).__name__})"
     tasks, listing = TaskIndex(run.settings.model_dir, run.project_id).read(
-        run.client, run.project_id, run.settings.task_resync_s, full=run.reason in FORCE_REASONS
+        run.client, run.project_id, run.settings.task_resync_s, full=full
     )
     run.listing = listing
     log.info(

@@ -25,6 +25,9 @@ TRAINING_ACTIONS = frozenset(
         "TASKS_CREATED",
     }
 )
+# Actions after which the next job lists every task instead of only the changed ones: the Data
+# Manager's bulk "Delete annotations" sends its webhook before it bumps the tasks' updated_at.
+FULL_LISTING_ACTIONS = frozenset({"ANNOTATIONS_DELETED"})
 # Actions Label Studio is known to send; others are counted as "other" in /metrics.
 KNOWN_ACTIONS = TRAINING_ACTIONS | frozenset(
     {

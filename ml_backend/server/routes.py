@@ -12,6 +12,7 @@ from ml_backend.errors import BadRequest, ModelNotReady, QueueUnavailable
 from ml_backend.jobs.queue import live_status, request_training
 from ml_backend.jobs.state import StatusStore
 from ml_backend.server.payloads import (
+    FULL_LISTING_ACTIONS,
     KNOWN_ACTIONS,
     TRAINING_ACTIONS,
     json_body,
@@ -165,6 +166,8 @@ def train():
 def _train(project: int, action: str, metric_action: str):
     counter = _ext()["metrics"].webhooks
     try:
+        if action in FULL_LISTING_ACTIONS:
+            StatusStore(_redis()).request_full_listing(project)
         outcome = request_training(_redis(), _ext()["settings"], project, action)
     except Exception:
         counter.labels(metric_action, "unavailable").inc()

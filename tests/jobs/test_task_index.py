@@ -93,3 +93,20 @@ def test_a_damaged_index_or_tasks_without_updated_at_mean_a_full_listing(index):
     index.read(ls, 7, resync_s=600, full=True)
     info = index.read(ls, 7, resync_s=600)[1]
     assert info["listing"] == "full" and info["why"] == "the tasks carry no updated_at"
+
+
+def test_tasks_label_studio_counts_but_does_not_list_cause_no_endless_full_listings(index):
+    ls = FakeLabelStudio(10)
+    counted = ls.project
+    ls.project = lambda pid: {**counted(pid), "task_number": 12}  # two it never lists
+    assert index.read(ls, 7, resync_s=600)[1]["listing"] == "full"
+    assert index.read(ls, 7, resync_s=600)[1]["listing"] == "changed"
+    ls.project = lambda pid: {**counted(pid), "task_number": 11}  # one of them was deleted
+    assert index.read(ls, 7, resync_s=600)[1]["listing"] == "full"
+
+
+def test_a_reason_for_a_full_listing_is_reported(index):
+    ls = FakeLabelStudio(5)
+    index.read(ls, 7, resync_s=600)
+    info = index.read(ls, 7, resync_s=600, full="annotations were deleted")[1]
+    assert info == {"listing": "full", "read": 5, "why": "annotations were deleted"}

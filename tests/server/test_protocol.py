@@ -140,11 +140,16 @@ def test_webhook_training_actions_enqueue_and_coalesce(client, redis_conn, setti
         response = client.post("/webhook", json={"action": action, "project": {"id": "3"}})
         assert response.status_code == 201
         assert response.get_json()["status"] == "already_waiting"
+    store = StatusStore(redis_conn)
+    assert not store.take_full_listing(3)
     deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 1}], "project": {"id": 3}}
     assert client.post("/webhook", json=deleted).get_json()["status"] == "already_waiting"
     jobs = queued_jobs(redis_conn, settings)
     assert len(jobs) == 1
     assert jobs[0].args[:2] == (3, "ANNOTATION_CREATED")
+    # The waiting job keeps its reason, but it will list every task (a bulk deletion may not
+    # have bumped the tasks' updated_at yet); the request is taken once.
+    assert store.take_full_listing(3) and not store.take_full_listing(3)
 
 
 def test_burst_of_500_webhooks_leaves_one_job(client, redis_conn, settings):
