@@ -560,19 +560,7 @@ def _finetune(run: _Run, pool: Pool, backbone: str, state: dict):
         backbone,
         len(labeled),
     )
-    model, fitted = train_served_model(
-        pool.images,
-        labeled,
-        pool.labels[labeled],
-        pool.task_ids,
-        len(pool.label_names),
-        backbone_state=state,
-        embeddings=_embed(run, pool, state),
-        cfg=dataclasses.replace(RecipeConfig.from_settings(run.settings), finetune_min_labels=1),
-        device=run.device,
-        progress=lambda info: run.progress(stage="training", fine_tune=True, **info),
-        log=log,
-    )
+    model, fitted = _fit(run, pool, state, _embed(run, pool, state), finetune_min_labels=1)
     store = BackboneStore(run.settings.model_dir, kind="finetuned")
     size = int(pool.images.shape[1])
     store.record_try(
@@ -620,26 +608,13 @@ def _train(run: _Run, pool: Pool, candidates: list[tuple]):
     hold out. Ties go to the first.
     """
     labeled = np.flatnonzero(pool.labeled_mask)
-    # Heads only: the fine-tune is a later step of the job (``_finetune``), after this version
-    # is live, and only when it is due.
-    cfg = dataclasses.replace(RecipeConfig.from_settings(run.settings), finetune_min_labels=10**9)
     best, tried = None, {}
     for name, state, source, known in candidates:
         embeddings = _embed(run, pool, state)
         run.progress(stage="training", labels=len(labeled), backbone=name)
-        model, fitted = train_served_model(
-            pool.images,
-            labeled,
-            pool.labels[labeled],
-            pool.task_ids,
-            len(pool.label_names),
-            backbone_state=state,
-            embeddings=embeddings,
-            cfg=cfg,
-            device=run.device,
-            progress=lambda info: run.progress(stage="training", **info),
-            log=log,
-        )
+        # Heads only: the fine-tune is a later step of the job (``_finetune``), after this
+        # version is live, and only when it is due.
+        model, fitted = _fit(run, pool, state, embeddings, finetune_min_labels=10**9)
         # Cross-validated accuracy first; on a tie (common with a few dozen labels) the
         # backbone whose embeddings put each labeled image next to one of its class
         # (leave-one-out 1-NN on the labeled set); then the first.
@@ -671,6 +646,28 @@ def _train(run: _Run, pool: Pool, candidates: list[tuple]):
     if source == "PRETRAINED":
         extra["served"] = f"{fitted.get('served')} on the {name}"
     return model, {**fitted, **extra}
+
+
+def _fit(run: _Run, pool: Pool, state: dict, embeddings, finetune_min_labels: int):
+    """``model.recipe.train_served_model`` on the pool's labels from backbone ``state``; a
+    fine-tune is a candidate from ``finetune_min_labels`` labels on."""
+    labeled = np.flatnonzero(pool.labeled_mask)
+    fine_tune = finetune_min_labels <= len(labeled)
+    return train_served_model(
+        pool.images,
+        labeled,
+        pool.labels[labeled],
+        pool.task_ids,
+        len(pool.label_names),
+        backbone_state=state,
+        embeddings=embeddings,
+        cfg=dataclasses.replace(
+            RecipeConfig.from_settings(run.settings), finetune_min_labels=finetune_min_labels
+        ),
+        device=run.device,
+        progress=lambda info: run.progress(stage="training", fine_tune=fine_tune, **info),
+        log=log,
+    )
 
 
 def _or_minus(value) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,12 +36,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench_support import checkout_backend, run_checkouts  # noqa: E402
+
 from ml_backend.devtools.demo_project import LabelStudioAPI  # noqa: E402
-from ml_backend.devtools.local_services import (  # noqa: E402
-    BackendProcesses,
-    LabelStudioServer,
-    RedisProcess,
-)
 
 CLASSES = [str(d) for d in range(10)]
 CONFIG = (
@@ -141,17 +137,7 @@ def baselines(pixels: dict[int, np.ndarray], truth, labeled: set[int], tasks: li
 
 
 def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
-    redis = RedisProcess(work / "redis").start()
-    env = {
-        **SETTINGS,
-        "QUEUE_DEPTH": str(args.tasks),
-        "REDIS_URL": redis.url,
-        "LABEL_STUDIO_URL": ls.url,
-        "LABEL_STUDIO_API_KEY": ls.token,
-        "MODEL_DIR": str(work / "models"),
-    }
-    backend = BackendProcesses(env, work / "logs", code=code).start()
-    try:
+    with checkout_backend(code, ls, work, {**SETTINGS, "QUEUE_DEPTH": str(args.tasks)}) as backend:
         project = api.create_project(f"live model {code.name}", label_config=CONFIG)
         api.connect_backend(project, backend.url)
         api.update_project(project, start_training_on_annotation_update=True)
@@ -217,9 +203,6 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
             "image_size": served.get("image_size"),
             "timings": served.get("timings"),
         }
-    finally:
-        backend.stop()
-        redis.stop()
 
 
 def main() -> int:
@@ -232,14 +215,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     images, digits = mnist(args.tasks, args.seed)
-    work = Path(tempfile.mkdtemp(prefix="bench-live-model-"))
-    codes = [ROOT] + ([args.compare.resolve()] if args.compare else [])
-    rows = []
-    with LabelStudioServer(work / "label-studio") as ls:
-        api = LabelStudioAPI(ls.url, ls.token)
-        for i, code in enumerate(codes):
-            rows.append(run_one(code, ls, api, args, work / f"run-{i}", images, digits))
-            print(rows[-1], flush=True)
+    rows = run_checkouts(
+        args.compare,
+        "bench-live-model-",
+        lambda code, ls, api, work: run_one(code, ls, api, args, work, images, digits),
+    )
     print(
         f"\n{args.tasks} MNIST tasks (28 px), {args.labels} labels one every {args.pace:g} s as "
         "'Label All Tasks' serves them; accuracy on every unlabeled task of the live version\n"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,13 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_live_model import CONFIG, import_mnist  # noqa: E402
-
-from ml_backend.devtools.demo_project import LabelStudioAPI  # noqa: E402
-from ml_backend.devtools.local_services import (  # noqa: E402
-    BackendProcesses,
-    LabelStudioServer,
-    RedisProcess,
-)
+from bench_support import checkout_backend, run_checkouts  # noqa: E402
 
 SETTINGS = {"PRETRAINED": "none", "DEVICE": "cpu", "LOG_LEVEL": "INFO"}
 STEPS = ("fetch_s", "pretrain_s", "train_s", "predict_s", "rank_s", "push_s", "total_s")
@@ -113,16 +106,7 @@ def wait_live(api, backend, project: int, labels: int, before: str, timeout_s: f
 
 
 def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
-    redis = RedisProcess(work / "redis").start()
-    env = {
-        **SETTINGS,
-        "REDIS_URL": redis.url,
-        "LABEL_STUDIO_URL": ls.url,
-        "LABEL_STUDIO_API_KEY": ls.token,
-        "MODEL_DIR": str(work / "models"),
-    }
-    backend = BackendProcesses(env, work / "logs", code=code).start()
-    try:
+    with checkout_backend(code, ls, work, {**SETTINGS}) as backend:
         project = api.create_project(f"scale {code.name}", label_config=CONFIG)
         api.connect_backend(project, backend.url)
         t0 = time.monotonic()
@@ -179,9 +163,6 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
             "embedded": rounds[-1]["embedded"],
             "peak_gb": peak.peak / 2**30,
         }
-    finally:
-        backend.stop()
-        redis.stop()
 
 
 def main() -> int:
@@ -194,14 +175,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     images, digits = images_for(args.tasks, args.seed)
-    work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    codes = [ROOT] + ([args.compare.resolve()] if args.compare else [])
-    rows = []
-    with LabelStudioServer(work / "label-studio") as ls:
-        api = LabelStudioAPI(ls.url, ls.token)
-        for i, code in enumerate(codes):
-            rows.append(run_one(code, ls, api, args, work / f"run-{i}", images, digits))
-            print(rows[-1], flush=True)
+    rows = run_checkouts(
+        args.compare,
+        "bench-scale-",
+        lambda code, ls, api, work: run_one(code, ls, api, args, work, images, digits),
+    )
     print(
         f"\n{args.tasks} tasks (28 px digits), {args.labels} labels, then {args.rounds} rounds of "
         "one more label; medians over the rounds; worker peak memory over the rounds\n"

@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench_support import checkout_backend, run_checkouts  # noqa: E402
+
 from ml_backend.devtools.demo_project import LabelStudioAPI, import_images  # noqa: E402
 from ml_backend.devtools.local_services import (  # noqa: E402
     BackendProcesses,
     LabelStudioServer,
-    RedisProcess,
 )
 
 SETTINGS = {
@@ -44,16 +44,7 @@ SETTINGS = {
 
 
 def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: Path) -> dict:
-    redis = RedisProcess(work / "redis").start()
-    env = {
-        **SETTINGS,
-        "REDIS_URL": redis.url,
-        "LABEL_STUDIO_URL": ls.url,
-        "LABEL_STUDIO_API_KEY": ls.token,
-        "MODEL_DIR": str(work / "models"),
-    }
-    backend = BackendProcesses(env, work / "logs", code=code).start()
-    try:
+    with checkout_backend(code, ls, work, SETTINGS) as backend:
         project = api.create_project(f"versions {code.name}")
         api.connect_backend(project, backend.url)
         api.update_project(project, start_training_on_annotation_update=True)
@@ -94,9 +85,6 @@ def run_one(code: Path, ls: LabelStudioServer, api: LabelStudioAPI, args, work: 
             "next_errors": next_errors,
             "seconds": round(seconds, 1),
         }
-    finally:
-        backend.stop()
-        redis.stop()
 
 
 def status_history(backend: BackendProcesses, project: int) -> list[dict]:
@@ -116,14 +104,11 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=2.0, help="seconds between two labels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="bench-versions-"))
-    codes = [ROOT] + ([args.compare.resolve()] if args.compare else [])
-    rows = []
-    with LabelStudioServer(work / "label-studio") as ls:
-        api = LabelStudioAPI(ls.url, ls.token)
-        for i, code in enumerate(codes):
-            rows.append(run_one(code, ls, api, args, work / f"run-{i}"))
-            print(rows[-1], flush=True)
+    rows = run_checkouts(
+        args.compare,
+        "bench-versions-",
+        lambda code, ls, api, work: run_one(code, ls, api, args, work),
+    )
     print(
         f"\n{args.labels} labels, one every {args.pace:g} s, {args.tasks} tasks, "
         "training on every annotation (ANNOTATION_CREATED + START_TRAINING per submit)\n"

@@ -1,0 +1,59 @@
+"""What the benchmarks that compare checkouts share: one Label Studio for every checkout, and
+for each its own Redis and backend (web + worker, started as users start them)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from ml_backend.devtools.demo_project import LabelStudioAPI  # noqa: E402
+from ml_backend.devtools.local_services import (  # noqa: E402
+    BackendProcesses,
+    LabelStudioServer,
+    RedisProcess,
+)
+
+
+@contextlib.contextmanager
+def checkout_backend(code: Path, ls: LabelStudioServer, work: Path, settings: dict):
+    """The backend of checkout ``code`` with its own Redis and ``MODEL_DIR`` under ``work``,
+    connected to ``ls``, with ``settings`` on top; stopped (both) on exit."""
+    redis = RedisProcess(work / "redis").start()
+    env = {
+        **settings,
+        "REDIS_URL": redis.url,
+        "LABEL_STUDIO_URL": ls.url,
+        "LABEL_STUDIO_API_KEY": ls.token,
+        "MODEL_DIR": str(work / "models"),
+    }
+    backend = BackendProcesses(env, work / "logs", code=code)
+    try:
+        backend.start()
+        yield backend
+    finally:
+        backend.stop()
+        redis.stop()
+
+
+def run_checkouts(
+    compare: Path | None,
+    prefix: str,
+    run: Callable[[Path, LabelStudioServer, LabelStudioAPI, Path], dict],
+) -> list[dict]:
+    """``run(code, ls, api, work)`` for this checkout, then for ``compare`` (an older one) when
+    given, one after the other under one Label Studio; each row is printed as it comes."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    codes = [ROOT] + ([compare.resolve()] if compare else [])
+    rows = []
+    with LabelStudioServer(work / "label-studio") as ls:
+        api = LabelStudioAPI(ls.url, ls.token)
+        for i, code in enumerate(codes):
+            rows.append(run(code, ls, api, work / f"run-{i}"))
+            print(rows[-1], flush=True)
+    return rows
