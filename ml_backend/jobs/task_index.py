@@ -1,15 +1,16 @@
 """The project's tasks as the last job read them, so that the next job reads only what changed.
 
-Label Studio bumps a task's ``updated_at`` whenever an annotation of it is saved or deleted, a
-prediction of it is saved, or the task itself changes; a new task starts with its creation
-time. A job therefore asks Label Studio only for the tasks updated since the newest
+Label Studio bumps a task's ``updated_at`` whenever an annotation of it is saved or deleted or
+the task itself changes (predictions imported in bulk, as the backend pushes them, do not); a
+new task starts with its creation time. A job therefore asks Label Studio only for the tasks updated since the newest
 ``updated_at`` it has seen, less ``OVERLAP_S`` (tasks at the same instant, or whose write was
 still committing, are read twice rather than missed), and merges them into the index, kept in
 ``MODEL_DIR/<project>/tasks.json`` (written atomically).
 
 Deleted tasks do not show up in that query. A job compares the index's size with the project's
 task count (one cheap call) and lists every task when they differ; a full listing also runs
-every ``TASK_RESYNC_S`` seconds, on ``refresh`` and when the index is missing or unreadable.
+every ``TASK_RESYNC_S`` seconds, on ``refresh``, after ``ANNOTATIONS_DELETED`` (the job passes
+``full``) and when the index is missing or unreadable.
 ``TASK_RESYNC_S=0`` lists every task in every job (the behaviour before the index).
 """
 

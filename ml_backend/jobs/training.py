@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -579,8 +580,8 @@ def _finetune(run: _Run, pool: Pool, backbone: str, state: dict):
         return None
     name = store.save(
         run.project_id,
-        dataclasses.make_dataclass("Tuned", ["state_dict", "epochs", "images_seen", "seconds",
-                                             "loss"])(model.state_dict(), 0, 0, 0.0, None),
+        SimpleNamespace(state_dict=model.state_dict(), epochs=0, images_seen=0, seconds=0.0,
+                        loss=None),
         image_size=size,
         pool_key=pool.fingerprint(),
         pool_size=len(pool.task_ids),

@@ -235,8 +235,9 @@ class LabelStudioClient(WebhookAuth):
     def iter_tasks(self, pid: int, updated_after: str | None = None) -> Iterator[dict]:
         """Every task of the project with full annotations, one page in memory at a time; with
         ``updated_after`` (an ISO time of Label Studio's clock) only the tasks whose
-        ``updated_at`` is later (Label Studio bumps it when an annotation or prediction of the
-        task is saved or deleted; a new task has its creation time).
+        ``updated_at`` is later (Label Studio bumps it when an annotation of the task is saved
+        or deleted or the task changes, not for predictions imported in bulk; a new task has
+        its creation time).
 
         Yields dicts with ``id, data, annotations, meta, is_labeled, updated_at`` (``data`` URLs
         resolved by Label Studio, e.g. cloud URIs become ``/tasks/<id>/resolve/?fileuri=...``).
