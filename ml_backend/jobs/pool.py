@@ -27,7 +27,8 @@ class Pool:
 
     Attributes:
         task_ids: Label Studio task ids, int64 [M].
-        images: uint8 [M, S, S, 3].
+        images: uint8 [M, S, S, 3]: an array, or ``CachedImages`` (read from the image cache
+            when rows are asked for).
         labels: int64 [M], index into ``label_names`` or -1 for an unlabeled task.
         label_names: the labels of the project's config, in config order.
         skipped: task id -> why the task is not in the pool (no image field, fetch failure).
@@ -101,11 +102,12 @@ def read_tasks(tasks: Iterable[dict], spec: LabelSpec):
     return items, labels, skipped, problems
 
 
-def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
+def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache, lazy: bool = False) -> Pool:
     """Read tasks, fetch their images (cached) and return the aligned pool.
 
     ``image_cache``: an ``ImageCache``, or a function of the ``(task_id, url)`` items that returns
-    one (``IMAGE_SIZE=auto`` chooses the size from a sample of them).
+    one (``IMAGE_SIZE=auto`` chooses the size from a sample of them). ``lazy``: the pool's images
+    stay in the cache (``ImageCache.fetch_lazy``) and are read when rows are asked for.
     """
     items, labels, skipped, problems = read_tasks(tasks, spec)
     if not hasattr(image_cache, "fetch_arrays"):
@@ -118,7 +120,8 @@ def build_pool(tasks: Iterable[dict], spec: LabelSpec, image_cache) -> Pool:
     if skipped:
         sample = "; ".join(f"task {t}: {p}" for t, p in list(skipped.items())[:5])
         log.warning("%d task(s) have no image to use: %s", len(skipped), sample)
-    arrays, ok_ids, failures = image_cache.fetch_arrays(items)
+    fetch = (lazy and getattr(image_cache, "fetch_lazy", None)) or image_cache.fetch_arrays
+    arrays, ok_ids, failures = fetch(items)
     for task_id, reason in failures.items():
         skipped[int(task_id)] = reason
     if failures:

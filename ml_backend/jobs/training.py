@@ -251,6 +251,7 @@ def _fetch(run: _Run, image_cache):
         spec,
         image_cache
         or (lambda items: ImageCache(run.settings, run.client, _image_size(run, items))),
+        lazy=True,  # pixels are read only where a step needs them (see _embeddings, pretraining)
     )
     run.lap("fetch", t0)
     log.info(
@@ -331,8 +332,9 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
         settings.pretrain_budget_s,
         source,
     )
+    images = pool.images
     result = pretrain_backbone(
-        pool.images,
+        images.in_memory() if hasattr(images, "in_memory") else images,  # read once, not per epoch
         budget_s=settings.pretrain_budget_s,
         max_epochs=settings.pretrain_epochs,
         batch_size=max(16, settings.batch_size),  # 64 beat 128 at the same budget (more steps)

@@ -43,6 +43,7 @@ CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure-spi")
 MAX_REDIRECTS = 5
 DEFAULT_SIZE = 224  # IMAGE_SIZE=auto before a project's size is known
 IN_MEMORY_LIMIT = 2 << 30  # larger pools go to an unlinked memory-mapped temp file
+CACHE_HEADER_BYTES = 128  # np.save's header of a uint8 [S, S, 3] array (format 1.0)
 _HIGH_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
@@ -217,6 +218,69 @@ class ImageCache:
                 out[j] = out[i]
         arrays = out[: len(ok_rows)] if len(ok_rows) < n else out
         return arrays.reshape(len(ok_rows), s, s, 3), [items[i][0] for i in ok_rows], failures
+
+    def fetch_lazy(self, items: list[tuple[int, str]]):
+        """Like ``fetch_arrays``, but the pixels stay on disk: ``(CachedImages, ok_task_ids,
+        failures)``. An image already in the cache (a file of the right size) is not read at all;
+        the others are fetched, decoded and cached now, so failures are known up front. Rows are
+        read from the cache when asked for (``CachedImages``), so a job that needs no pixels (its
+        embeddings are cached) reads none: at 100,000 images that saves every file's read and the
+        pool-sized array."""
+        expected = CACHE_HEADER_BYTES + self.size * self.size * 3
+        failures: dict[int, str] = {}
+        ok = [False] * len(items)
+
+        def one(i: int) -> None:
+            task_id, url = items[i]
+            try:
+                if self.path_for(url).stat().st_size == expected:
+                    ok[i] = True
+                    return
+            except OSError:
+                pass
+            try:
+                self._one(
+                    np.empty((1, self.size, self.size, 3), np.uint8), [False], 0, url, task_id
+                )
+                ok[i] = True
+            except ImageError as exc:
+                failures[task_id] = str(exc)
+                log.warning("task %s: image skipped: %s", task_id, exc)
+
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="image-fetch") as pool:
+            list(pool.map(one, range(len(items))))
+        kept = [item for item, good in zip(items, ok, strict=True) if good]
+        return CachedImages(self, kept), [task_id for task_id, _ in kept], failures
+
+    def read_rows(self, items: list[tuple[int, str]], out: np.ndarray | None = None) -> np.ndarray:
+        """``uint8 [len(items), S, S, 3]`` from the cache (fetched again where an entry is gone
+        or unreadable); an image that cannot be had any more is left black, with a warning."""
+        if out is None:
+            out = (
+                self._allocate(len(items))
+                if len(items) > 1
+                else np.empty((len(items), self.size, self.size, 3), np.uint8)
+            )
+
+        hits = [False] * len(items)
+
+        def one(i: int) -> None:
+            task_id, url = items[i]
+            try:
+                self._one(out, hits, i, url, task_id)
+            except ImageError as exc:
+                out[i] = 0
+                log.warning("task %s: cached image gone and not fetched again (%s)", task_id, exc)
+
+        if len(items) <= 16:
+            for i in range(len(items)):
+                one(i)
+        else:
+            with ThreadPoolExecutor(
+                max_workers=self.workers, thread_name_prefix="image-read"
+            ) as ex:
+                list(ex.map(one, range(len(items))))
+        return out
 
     def native_sizes(self, items: list[tuple[int, str]]) -> list[tuple[int, int]]:
         """``(width, height)`` of each readable image of ``items`` (``(task_id, url)``), as
@@ -400,3 +464,55 @@ def _data_uri(url: str, limit: int) -> bytes:
         return unquote_to_bytes(payload)
     except (binascii.Error, ValueError):
         raise ImageError("malformed data: URI") from None
+
+
+class CachedImages:
+    """A pool's images as a read-only ``uint8 [M, S, S, 3]`` array that lives in the image cache.
+
+    Rows are read when indexed (``images[rows]``, ``images[a:b]``, ``np.take(images, rows, 0)``)
+    and ``np.asarray(images)`` reads them all (into a memory-mapped temp file past
+    ``IN_MEMORY_LIMIT``, as ``fetch_arrays`` does). What the training code needs from an array
+    (``shape``, ``ndim``, ``dtype``, ``len``) is here, so it takes either.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, cache: ImageCache, items: list[tuple[int, str]]):
+        self._cache, self._items = cache, list(items)
+        self.shape = (len(self._items), cache.size, cache.size, 3)
+        self.nbytes = int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            return self[index[0]][(slice(None), *index[1:])] if index else self[:]
+        if isinstance(index, (int, np.integer)):
+            return self._read(np.arange(len(self))[[index]])[0]
+        return self._read(np.arange(len(self))[index])
+
+    def take(self, indices, axis=0, out=None, mode="raise"):
+        if axis != 0 or mode != "raise":
+            return np.take(np.asarray(self), indices, axis=axis, out=out, mode=mode)
+        indices = np.asarray(indices)
+        rows = self._read(np.arange(len(self))[indices.reshape(-1)])
+        rows = rows.reshape(*indices.shape, *self.shape[1:])
+        if out is None:
+            return rows
+        out[...] = rows
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self._cache.read_rows(self._items)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def in_memory(self) -> np.ndarray | CachedImages:
+        """All rows as one array when they fit in ``IN_MEMORY_LIMIT`` (for a pass that reads
+        every row many times, like pretraining); else this object, read batch by batch."""
+        return np.asarray(self) if self.nbytes <= IN_MEMORY_LIMIT else self
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape[1:]), np.uint8)
+        return self._cache.read_rows([self._items[int(r)] for r in rows], out)

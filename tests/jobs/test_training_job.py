@@ -16,7 +16,7 @@ from ml_backend.devtools.synthetic import LABELS, make_dataset
 from ml_backend.errors import LabelStudioUnavailable
 from ml_backend.jobs.state import StatusStore
 from ml_backend.jobs.training import train_project
-from ml_backend.labelstudio.images import to_array
+from ml_backend.labelstudio.images import CachedImages, to_array
 from ml_backend.labelstudio.labels import parse_config
 from ml_backend.model.storage import ModelStore
 
@@ -109,8 +109,26 @@ class FakeLabelStudio:
 
 
 class FakeImageCache:
+    """Images by URL; ``fetch_lazy`` hands out ``CachedImages`` as the real cache does, and
+    ``rows_read`` counts the rows the job asked for."""
+
+    size = SIZE
+
     def __init__(self, arrays):
         self.arrays = arrays
+        self.rows_read = 0
+
+    def fetch_lazy(self, items):
+        _, ok, failures = self.fetch_arrays(items)
+        kept = [(t, u) for t, u in items if t not in failures]
+        return CachedImages(self, kept), ok, failures
+
+    def read_rows(self, items, out=None):
+        out = np.empty((len(items), SIZE, SIZE, 3), np.uint8) if out is None else out
+        for i, (_, url) in enumerate(items):
+            out[i] = self.arrays[url]
+        self.rows_read += len(items)
+        return out
 
     def fetch_arrays(self, items):
         ok = [(t, u) for t, u in items if u in self.arrays]
@@ -391,6 +409,12 @@ def test_each_image_is_embedded_once_per_backbone(world, job_settings, redis_con
     second = run(job_settings, client, cache, status)
     assert second["outcome"] == "trained"
     assert second["metrics"]["embedded"] == {"cached": 3 * 150 - 20, "computed": 20}
+    # One more label, no new image: every embedding is cached, so no pixel is read at all.
+    tasks[41]["annotations"] = [choice(labels[41])]
+    cache.rows_read = 0
+    third = run(job_settings, client, cache, status)
+    assert third["outcome"] == "trained" and third["metrics"]["embedded"]["computed"] == 0
+    assert cache.rows_read == 0
 
 
 def test_the_fine_tune_comes_after_a_live_head_version_and_only_when_due(

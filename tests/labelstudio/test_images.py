@@ -266,3 +266,55 @@ def test_native_sizes_read_headers_and_leave_out_broken_images(settings):
     items = [(1, uri(28, 28)), (2, uri(40, 30)), (3, "data:image/png;base64,bm90IGFuIGltYWdl")]
     assert cache.native_sizes(items) == [(28, 28), (40, 30)]
     assert ImageCache(settings, size=32).size == 32
+
+
+def test_lazy_fetch_reads_no_cached_pixels_and_rows_match(fake, cache, settings, monkeypatch):
+    """``fetch_lazy``: the same rows as ``fetch_arrays``, failures known up front, and images
+    already cached are not read until a row is asked for, then only that row."""
+    colours = [(10 * i, 200 - 10 * i, 7) for i in range(6)]
+    for i, colour in enumerate(colours):
+        fake.files[f"{i}.png"] = png_bytes(colour)
+    items = [(i + 1, f"/data/upload/1/{i}.png") for i in range(6)] + [(9, "/data/upload/1/no.png")]
+    arrays, ok, failures = cache.fetch_arrays(items)
+    assert ok == [1, 2, 3, 4, 5, 6] and set(failures) == {9}
+
+    reads = []
+    real_load = np.load
+
+    def load(path, *args, **kwargs):
+        if path.exists():  # not the attempt on the one image that was never cached
+            reads.append(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(np, "load", load)
+    before = len(fake.log)
+    lazy, ok_lazy, failures_lazy = ImageCache(settings, None).fetch_lazy(items)
+    assert ok_lazy == ok and set(failures_lazy) == {9} and reads == []
+    assert len(fake.log) == before + 1  # only the image that is not cached was asked for again
+    assert lazy.shape == arrays.shape and lazy.dtype == np.uint8 and len(lazy) == 6
+    assert np.array_equal(lazy[2], arrays[2]) and len(reads) == 1
+    assert np.array_equal(lazy[1:4], arrays[1:4])
+    assert np.array_equal(lazy[np.array([5, 0])], arrays[[5, 0]])
+    assert np.array_equal(np.take(lazy, [3, 3, 1], axis=0), arrays[[3, 3, 1]])
+    assert np.array_equal(lazy[:, 16, 16], arrays[:, 16, 16])
+    assert np.array_equal(np.asarray(lazy), arrays) and np.array_equal(lazy.in_memory(), arrays)
+
+
+def test_lazy_fetch_repairs_a_damaged_cache_and_never_raises_later(fake, cache, settings, caplog):
+    """A truncated cache file is fetched again at ``fetch_lazy`` time; an entry removed after it
+    is fetched again when read; one whose source is gone too reads black, with a warning."""
+    fake.files["a.png"] = png_bytes((255, 0, 0))
+    fake.files["b.png"] = png_bytes((0, 255, 0))
+    items = [(1, "/data/upload/1/a.png"), (2, "/data/upload/1/b.png")]
+    cache.fetch_arrays(items)
+    path_a, path_b = (cache.path_for(url) for _, url in items)
+    path_a.write_bytes(path_a.read_bytes()[:100])  # truncated
+    lazy, ok, failures = cache.fetch_lazy(items)
+    assert ok == [1, 2] and not failures and path_a.stat().st_size == 128 + 32 * 32 * 3
+    path_b.unlink()
+    assert tuple(lazy[1][16, 16]) == (0, 255, 0) and path_b.exists()  # fetched again
+    path_a.unlink()
+    del fake.files["a.png"]
+    with caplog.at_level(logging.WARNING):
+        row = lazy[0]
+    assert not row.any() and "task 1: cached image gone" in caplog.text
