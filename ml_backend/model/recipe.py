@@ -38,6 +38,11 @@ logger = logging.getLogger(__name__)
 
 # Pseudo-labels per real label at most (the most confident first): bounds the refit's cost.
 PSEUDO_PER_LABEL = 5
+# Pseudo-labels are drawn from at most this many unlabeled rows (a seeded sample of a larger
+# pool): the refit then costs the same at 100,000 images as at 20,000.
+PSEUDO_CANDIDATES = 20_000
+# Rows per float64 block when a head scores embeddings (never a float64 copy of the pool).
+LOGIT_BLOCK = 16_384
 # Logit of a class with no label yet: far below any fitted class, so it is never predicted.
 ABSENT_LOGIT = -100.0
 
@@ -86,7 +91,11 @@ class LinearHead:
     bias: np.ndarray  # float64 [C]
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        return x.astype(np.float64) @ self.weight.T + self.bias
+        out = np.empty((len(x), len(self.bias)))
+        for start in range(0, len(x), LOGIT_BLOCK):  # float64 per block, not of the whole pool
+            block = np.asarray(x[start : start + LOGIT_BLOCK], dtype=np.float64)
+            out[start : start + LOGIT_BLOCK] = block @ self.weight.T + self.bias
+        return out
 
     def probs(self, x: np.ndarray) -> np.ndarray:
         z = self.logits(x)
@@ -144,7 +153,8 @@ def fit_pseudo_head(
     ``labeled`` are rows of ``embeddings``; rows in ``exclude`` (a validation fold) are never
     pseudo-labeled. At most ``PSEUDO_PER_LABEL`` pseudo-labels per real label are kept (the most
     confident); each weighs ``cfg.pseudo_weight``, and together never more than the real labels,
-    so a large pool cannot drown them.
+    so a large pool cannot drown them. They are drawn from at most ``PSEUDO_CANDIDATES``
+    unlabeled rows (a sample seeded by ``cfg.seed`` of a larger pool).
     """
     head = fit_head(embeddings[labeled], y, num_classes, mean=mean, scale=scale, c=cfg.head_c)
     if len(np.unique(y)) < 2:
@@ -154,6 +164,10 @@ def fit_pseudo_head(
     if exclude is not None:
         mask[exclude] = False
     pool = np.flatnonzero(mask)
+    if len(pool) > PSEUDO_CANDIDATES:
+        pool = np.sort(
+            np.random.default_rng(cfg.seed).choice(pool, PSEUDO_CANDIDATES, replace=False)
+        )
     for _ in range(cfg.pseudo_rounds):
         probs = head.probs(embeddings[pool])
         confidence = probs.max(axis=1)
@@ -212,8 +226,8 @@ def train_served_model(
         raise ValueError(f"{len(labeled_idx)} labeled rows but {len(y)} labels (need >= 1)")
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"labels must be in [0, {num_classes}); got {y.min()}..{y.max()}")
-    emb = np.asarray(embeddings, dtype=np.float64)
-    mean, scale = emb.mean(axis=0), emb.std(axis=0) + 1e-6
+    emb = np.asarray(embeddings)  # float32 stays float32: heads take float64 rows as they need
+    mean, scale = emb.mean(axis=0, dtype=np.float64), emb.std(axis=0, dtype=np.float64) + 1e-6
     folds = fold_of(np.asarray(task_ids)[labeled_idx], cfg.folds)
     heads = {"head": _plain_head(cfg), "head+pseudo": _pseudo_head(cfg)}
     if not cfg.pseudo_labels:

@@ -14,6 +14,7 @@ from ml_backend.model.recipe import (
     ABSENT_LOGIT,
     RecipeConfig,
     fit_head,
+    fit_pseudo_head,
     train_served_model,
 )
 
@@ -66,6 +67,30 @@ def test_standardisation_folds_exactly_into_fc(pool):
 
     ref = LogisticRegression(C=0.5, max_iter=300, tol=1e-4).fit((emb[:40] - mean) / scale, y[:40])
     np.testing.assert_allclose(head.probs(emb), ref.predict_proba((emb - mean) / scale), atol=1e-6)
+
+
+def test_heads_score_in_blocks_and_draw_pseudo_labels_from_a_bounded_sample(pool, monkeypatch):
+    """Large pools: logits come block by block (no float64 copy of the pool), the same numbers;
+    pseudo-labels are drawn from a sample of at most PSEUDO_CANDIDATES unlabeled rows."""
+    from ml_backend.model import recipe
+
+    _, y, emb, _, _ = pool
+    mean, scale = emb.mean(0, dtype=np.float64), emb.std(0, dtype=np.float64) + 1e-6
+    head = fit_head(emb[:40], y[:40], 3, mean=mean, scale=scale, c=0.5)
+    whole = emb.astype(np.float64) @ head.weight.T + head.bias
+    monkeypatch.setattr(recipe, "LOGIT_BLOCK", 7)
+    np.testing.assert_allclose(head.logits(emb), whole, rtol=1e-12)
+
+    seen = []
+    real_probs = recipe.LinearHead.probs
+    monkeypatch.setattr(
+        recipe.LinearHead, "probs", lambda self, x: seen.append(len(x)) or real_probs(self, x)
+    )
+    monkeypatch.setattr(recipe, "PSEUDO_CANDIDATES", 25)
+    cfg = RecipeConfig(pseudo_threshold=0.0, pseudo_rounds=1)
+    labeled = np.arange(10)
+    out = fit_pseudo_head(emb, labeled, y[labeled], 3, cfg, mean=mean, scale=scale)
+    assert seen == [25] and out.weight.shape == (3, emb.shape[1])
 
 
 def test_two_labels_of_two_classes(pool):
