@@ -80,7 +80,7 @@ def request_training(
         settings: the backend settings (queue name, job timeout).
         project_id: Label Studio project id.
         reason: why (a webhook action, ``"refresh"``, ...); recorded with the job.
-        target: the function the job runs (tests); None runs ``jobs.training.train_project``.
+        target: the function the job runs (tests); None runs ``pipeline.training.train_project``.
 
     Returns:
         ``"enqueued"``, ``"already_waiting"``, ``"covered"`` or ``"marked_dirty"``.
@@ -146,7 +146,7 @@ def use_settings(settings: Settings) -> None:
 
 
 def _training_target():
-    from ml_backend.jobs.training import train_project  # torch: imported in the worker only
+    from ml_backend.pipeline.training import train_project  # torch: imported in the worker only
 
     return train_project
 

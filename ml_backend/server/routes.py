@@ -128,7 +128,8 @@ def _predictor():
     ext = _ext()
     with ext["predictor_lock"]:
         if ext["predictor"] is None:
-            from ml_backend.jobs.serving import Predictor  # torch only when predictions are asked
+            # torch only when predictions are asked
+            from ml_backend.pipeline.serving import Predictor
 
             # With the status store, the predictor serves the version the last job published.
             status = StatusStore(ext["redis"]) if ext["redis"] is not None else None

@@ -15,10 +15,10 @@ from ml_backend.config import Settings
 from ml_backend.devtools.synthetic import LABELS, make_dataset
 from ml_backend.errors import LabelStudioUnavailable
 from ml_backend.jobs.state import StatusStore
-from ml_backend.jobs.training import train_project
 from ml_backend.labelstudio.images import CachedImages, to_array
 from ml_backend.labelstudio.labels import parse_config
 from ml_backend.model.storage import ModelStore
+from ml_backend.pipeline.training import train_project
 
 CONFIG = (Path(__file__).parents[2] / "label_config.xml").read_text()
 SIZE = 32

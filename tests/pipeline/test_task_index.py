@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ml_backend.jobs.task_index import OVERLAP_S, TaskIndex
+from ml_backend.pipeline.task_index import OVERLAP_S, TaskIndex
 
 T0 = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from ml_backend.jobs.publish import build_predictions, prunable_versions, publish, queue_rows
 from ml_backend.jobs.state import StatusStore
 from ml_backend.labelstudio.labels import parse_config
+from ml_backend.pipeline.publish import build_predictions, prunable_versions, publish, queue_rows
 
 CONFIG = """<View><Image name="image" value="$image"/>
 <Choices name="choice" toName="image"><Choice value="A"/><Choice value="B"/></Choices></View>"""

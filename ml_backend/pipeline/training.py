@@ -36,14 +36,6 @@ from redis.exceptions import RedisError
 
 from ml_backend.config import PARAM_RULES, Settings
 from ml_backend.errors import BackendError
-from ml_backend.jobs.pool import Pool, build_pool
-from ml_backend.jobs.publish import (
-    build_predictions,
-    publish,
-    queue_rows,
-    queue_top,
-)
-from ml_backend.jobs.task_index import TaskIndex
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.backbones import BackboneStore
@@ -55,6 +47,14 @@ from ml_backend.model.pretrain import pretrain_backbone
 from ml_backend.model.recipe import RecipeConfig, train_served_model
 from ml_backend.model.sizing import choose_image_size
 from ml_backend.model.storage import COLD_START_PREFIX, ModelStore, cold_start_version
+from ml_backend.pipeline.pool import Pool, build_pool
+from ml_backend.pipeline.publish import (
+    build_predictions,
+    publish,
+    queue_rows,
+    queue_top,
+)
+from ml_backend.pipeline.task_index import TaskIndex
 from ml_backend.selection import rank
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The pool a retrain works on: every task of a project with a decoded image and its label.
 
-Takes every task of the project as the task index has it (``jobs.task_index``: read from Label
+Takes every task of the project as the task index has it (``pipeline.task_index``: read from Label
 Studio, never from the webhook payload, so no annotation is missed), applies the label rules,
 and fetches images through the on-disk cache.
 """

@@ -33,7 +33,7 @@ def test_auto_image_size_is_kept_per_project(redis_conn):
 def test_backbone_tie_break_is_leave_one_out_1nn_and_bounded():
     import numpy as np
 
-    from ml_backend.jobs.training import LOO_ROWS, _loo_1nn
+    from ml_backend.pipeline.training import LOO_ROWS, _loo_1nn
 
     rng = np.random.default_rng(1)
     labels = np.repeat([0, 1], 30)
