@@ -158,6 +158,7 @@ def cached_embeddings(
     images: np.ndarray,
     keys: np.ndarray | None,
     embed: Callable[[np.ndarray], np.ndarray],
+    backbone: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Embeddings of ``images`` under ``model``'s backbone, computing only the missing rows.
 
@@ -167,6 +168,7 @@ def cached_embeddings(
         images: ``uint8 [N, S, S, 3]`` (a memmap is read in chunks, never copied whole).
         keys: the image keys (``S16 [N]``), or None (no cache).
         embed: computes ``float32 [n, 512]`` embeddings of a ``uint8`` batch of images.
+        backbone: ``backbone_key(model, size)`` when the caller has it (hashing costs ~50 ms).
 
     Returns:
         ``(embeddings, info)``, ``info`` saying how many rows came from the cache and how long
@@ -176,7 +178,8 @@ def cached_embeddings(
     if cache is None or keys is None:
         vectors = embed(images)
         return vectors, {"cached": 0, "computed": len(images), "seconds": time.monotonic() - t0}
-    backbone = backbone_key(model, images.shape[1] if images.ndim == 4 else 0)
+    if backbone is None:
+        backbone = backbone_key(model, images.shape[1] if images.ndim == 4 else 0)
     vectors, missing = cache.lookup(backbone, keys)
     if len(missing) == len(images):
         vectors = embed(images)  # the whole pool: read it in order, no copy

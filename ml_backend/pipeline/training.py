@@ -39,7 +39,12 @@ from ml_backend.errors import BackendError
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.backbones import BackboneStore
-from ml_backend.model.embeddings import EmbeddingCache, cached_embeddings, head_probs
+from ml_backend.model.embeddings import (
+    EmbeddingCache,
+    backbone_key,
+    cached_embeddings,
+    head_probs,
+)
 from ml_backend.model.features import backbone_model
 from ml_backend.model.inference import predict
 from ml_backend.model.network import build_model, resolve_device
@@ -138,6 +143,9 @@ class _Run:
     # embedding rows this job took from the cache / computed (all passes together)
     embedded: dict = dataclasses.field(default_factory=lambda: {"cached": 0, "computed": 0})
     listing: dict = dataclasses.field(default_factory=dict)  # how the tasks were read
+    # backbone key -> the pool's embeddings under it, for this job: a head's probabilities and
+    # the ranking reuse what training read, instead of reading the cache again
+    embedding_memo: dict = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def progress(self, **fields) -> None:
@@ -380,7 +388,8 @@ def _embed(run: _Run, pool: Pool, state: dict):
 
 def _embeddings(run: _Run, model, pool: Pool) -> np.ndarray:
     """The pool's embeddings under ``model``'s backbone, from the project's embedding cache
-    where it has them (``model.embeddings``): only new images and new backbones are computed."""
+    where it has them (``model.embeddings``): only new images and new backbones are computed.
+    Read once per backbone and job (``embedding_memo``)."""
     t0 = time.monotonic()
     run.progress(stage="predicting", total=len(pool.task_ids))
 
@@ -394,8 +403,15 @@ def _embeddings(run: _Run, model, pool: Pool) -> np.ndarray:
         )
         return vectors
 
+    backbone = backbone_key(model, int(pool.images.shape[1]))
+    if backbone in run.embedding_memo:
+        run.lap("predict", t0)
+        return run.embedding_memo[backbone]
     cache = EmbeddingCache(run.settings.model_dir, run.project_id)
-    embeddings, info = cached_embeddings(cache, model, pool.images, pool.image_keys, compute)
+    embeddings, info = cached_embeddings(
+        cache, model, pool.images, pool.image_keys, compute, backbone=backbone
+    )
+    run.embedding_memo[backbone] = embeddings
     run.lap("predict", t0)
     run.embedded["cached"] += info["cached"]
     run.embedded["computed"] += info["computed"]
