@@ -108,14 +108,15 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "uncertain tasks.",
     ),
     "AUTO_LABELS_PER_CLASS": (
-        "20",
+        "12",
         "auto: switch from typicality to diversified once there are this many labels per class "
         "on average (and the model's accuracy evidence reaches AUTO_MIN_ACCURACY).",
     ),
     "AUTO_MIN_ACCURACY": (
-        "0.9",
+        "0",
         "auto: validation (or pre-annotation acceptance) accuracy the model needs before the "
-        "switch, 0 to 1; ignored from 4 x AUTO_LABELS_PER_CLASS labels per class on.",
+        "switch, 0 to 1 (0: no gate; measured, a gate makes auto alternate and lose); ignored "
+        "from 4 x AUTO_LABELS_PER_CLASS labels per class on.",
     ),
     "KEEP_VERSIONS": ("3", "Model versions kept on disk per project (the newest ones)."),
     "QUEUE_DEPTH": (
@@ -367,8 +368,8 @@ class Settings:
     uncertainty: str = "entropy"
     queue_batch: int = 20
     shortlist_factor: int = 5
-    auto_labels_per_class: float = 20.0
-    auto_min_accuracy: float = 0.9
+    auto_labels_per_class: float = 12.0
+    auto_min_accuracy: float = 0.0
     keep_versions: int = 3
     queue_depth: int = 100
     prediction_grace: float = 86400.0
