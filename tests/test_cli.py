@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from rq import Queue
 
+from ml_backend.jobs.state import StatusStore
 from ml_backend.labelstudio.connection import RECHECK_FAILING_S
 from tests.conftest import free_port
 
@@ -65,6 +66,12 @@ def test_refresh_enqueues_then_coalesces(tmp_path, redis_conn, redis_url):
     )
     jobs = Queue("cli-test", connection=redis_conn).get_jobs()
     assert [job.args[:2] for job in jobs] == [(42, "refresh")]
+    # --all-tasks: a flag the waiting job picks up (no second job)
+    store = StatusStore(redis_conn)
+    assert not store.predict_all_requested(42)
+    third = cli("refresh", "--project", "42", "--all-tasks", env=env)
+    assert third.stdout.strip() == "project 42: already_waiting (every unlabeled task)"
+    assert store.predict_all_requested(42) and len(Queue("cli-test", connection=redis_conn)) == 1
 
 
 def test_help_lists_commands(tmp_path):

@@ -292,18 +292,32 @@ class StatusStore:
     def set_image_size(self, project: int | str, size: int) -> None:
         self.redis.hset(self._status_key(project), "image_size", int(size))
 
-    # -- task listing ----------------------------------------------------------------------
-    def _full_listing_key(self, project) -> str:
-        return f"{PREFIX}full_listing:{project_key(project)}"
+    # -- one-shot requests for the next job ------------------------------------------------
+    def _flag_key(self, what: str, project) -> str:
+        return f"{PREFIX}{what}:{project_key(project)}"
 
     def request_full_listing(self, project: int | str) -> None:
         """The next job lists every task (a bulk deletion in Label Studio may not bump the
         tasks' ``updated_at`` before its webhook arrives)."""
-        self.redis.set(self._full_listing_key(project), "1")
+        self.redis.set(self._flag_key("full_listing", project), "1")
 
     def take_full_listing(self, project: int | str) -> bool:
         """Whether a full listing was requested; clears the request."""
-        return self.redis.getdel(self._full_listing_key(project)) is not None
+        return self.redis.getdel(self._flag_key("full_listing", project)) is not None
+
+    def request_predict_all(self, project: int | str) -> None:
+        """The next job writes a pre-annotation for every unlabeled task, not only the top
+        ``QUEUE_DEPTH`` (``refresh --all-tasks``, ``POST /train`` with ``all_tasks``). A flag,
+        not a job reason: a job already waiting takes it too."""
+        self.redis.set(self._flag_key("predict_all", project), "1")
+
+    def predict_all_requested(self, project: int | str) -> bool:
+        """Whether every task's pre-annotation was requested (the request stays until
+        ``clear_predict_all``, so a job that fails before publishing leaves it for the next)."""
+        return self.redis.exists(self._flag_key("predict_all", project)) > 0
+
+    def clear_predict_all(self, project: int | str) -> None:
+        self.redis.delete(self._flag_key("predict_all", project))
 
     def _pushed_key(self, project) -> str:
         return f"{PREFIX}pushed:{project_key(project)}"

@@ -18,8 +18,10 @@ locked to its annotator for 24 hours (``TASK_LOCK_TTL``). So a version's predict
 only after it has been superseded for ``PREDICTION_GRACE`` seconds (default 24 h), and never the
 version Label Studio currently shows. Each version holds predictions for at most
 ``QUEUE_DEPTH`` tasks (the unlabeled top of the queue), so the rows stay bounded by
-``QUEUE_DEPTH x (versions published within PREDICTION_GRACE + 1)``; and a version is published
-only when the labels, the model or the set of tasks changed.
+``QUEUE_DEPTH x (versions published within PREDICTION_GRACE + 1)``, plus one version of every
+unlabeled task for each ``refresh --all-tasks`` asked for in that time; and a version is
+published only when the labels, the model or the set of tasks changed (or all tasks were
+asked for).
 
 What the prediction ``score`` means: the task's place in the active-learning queue, scaled to
 (0, 1). Label Studio's uncertainty sampling serves the LOWEST score first, so the task ranked

@@ -146,6 +146,9 @@ class _Run:
     # backbone key -> the pool's embeddings under it, for this job: a head's probabilities and
     # the ranking reuse what training read, instead of reading the cache again
     embedding_memo: dict = dataclasses.field(default_factory=dict)
+    # ``refresh --all-tasks``: this job pre-annotates every unlabeled task, and publishes even
+    # when nothing changed
+    all_tasks: bool = False
     started: float = dataclasses.field(default_factory=time.monotonic)
 
     def progress(self, **fields) -> None:
@@ -174,8 +177,11 @@ class _Run:
         return self.status.published(self.project_id) if self.status is not None else {}
 
     def unchanged(self, key: str) -> bool:
-        """Whether a queue with this key is what Label Studio already serves."""
-        return self.reason not in FORCE_REASONS and self.published().get("queue_key") == key
+        """Whether a queue with this key is what Label Studio already serves (never for a job
+        asked to pre-annotate every task)."""
+        if self.all_tasks or self.reason in FORCE_REASONS:
+            return False
+        return self.published().get("queue_key") == key
 
 
 def train_project(
@@ -217,6 +223,9 @@ def train_project(
         snapshot,
     )
     spec, pool = _fetch(run, image_cache)
+    if run.all_tasks:
+        log.info("project %s: asked for all tasks: every unlabeled task gets a pre-annotation",
+                 project_id)  # fmt: skip
     if len(pool.task_ids) == 0:
         return _finish(run, "nothing to do: no task has a usable image", None, {})
     why_not = pool.trainable_reason(settings.min_labels)
@@ -241,6 +250,7 @@ def _fetch(run: _Run, image_cache):
         try:  # after ANNOTATIONS_DELETED (see server.payloads.FULL_LISTING_ACTIONS)
             if run.status.take_full_listing(run.project_id):
                 full = "annotations were deleted"
+            run.all_tasks = run.status.predict_all_requested(run.project_id)
         except RedisError as exc:
             full = f"Redis unreachable ({type(exc).__name__})"
     tasks, listing = TaskIndex(run.settings.model_dir, run.project_id).read(
@@ -439,7 +449,9 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
     retrain = not (
         same_labels and previous.metrics.get("model_key") == key and run.reason not in FORCE_REASONS
     )
-    if not retrain and run.unchanged(queue_key(previous.version, pool, run.settings)):
+    # the version whose model a re-ranked version reuses (its own name when it was trained)
+    reused = previous.metrics.get("queue_basis") or previous.version if previous else None
+    if not retrain and run.unchanged(queue_key(reused, pool, run.settings)):
         log.info(
             "project %s: labels, tasks and model are those of the served %s; nothing to publish",
             run.project_id,
@@ -477,7 +489,7 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
         metrics["retrained"] = False
     # train_s without the embedding passes inside it (those count under predict_s)
     run.lap("train", t0, less=run.timings.get("predict_s", 0.0) - embedding_before)
-    basis = None if retrain else previous.version
+    basis = None if retrain else reused
     version = _serve(run, spec, pool, store, model, metrics, key, basis)
     outcome = "trained" if retrain else "re-ranked (labels unchanged)"
     if retrain and _finetune_due(run, pool):
@@ -510,6 +522,7 @@ def _serve(run: _Run, spec, pool: Pool, store, model, metrics: dict, key: str, b
         fingerprint=pool.fingerprint(),
         model_key=key,
         queue_key=queue_key(basis or version, pool, run.settings),
+        queue_basis=basis or version,
         strategy=ranking.strategy,
         pool_size=len(pool.task_ids),
         skipped_tasks=len(pool.skipped),
@@ -826,8 +839,10 @@ def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None, acceptanc
 
 
 def _predictions(run: _Run, pool: Pool, ranking, version: str, spec, predicted) -> list[dict]:
-    """Predictions for the top ``QUEUE_DEPTH`` unlabeled tasks, in queue order."""
-    rows, scores = queue_rows(ranking.order, run.settings.queue_depth)
+    """Predictions for the top ``QUEUE_DEPTH`` unlabeled tasks (every one when the job was asked
+    for all tasks), in queue order."""
+    depth = len(ranking.order) if run.all_tasks else run.settings.queue_depth
+    rows, scores = queue_rows(ranking.order, depth)
     labels = None if predicted is None else [predicted[i] for i in rows.tolist()]
     return build_predictions(pool.task_ids[rows], scores, version, spec, labels)
 
@@ -861,6 +876,11 @@ def _push(run: _Run, items: list[dict], version: str, path, metrics: dict) -> No
                 "at": run.status.now(),
             },
         )
+        if run.all_tasks:  # done: later jobs are back to QUEUE_DEPTH
+            try:
+                run.status.clear_predict_all(run.project_id)
+            except RedisError as exc:
+                log.warning("project %s: all-tasks request not cleared (%s)", run.project_id, exc)
     run.lap("push", t0)
 
 
@@ -901,7 +921,7 @@ def _finish(run: _Run, outcome: str, version: str | None, metrics: dict) -> dict
     run.timings["total_s"] = round(time.monotonic() - run.started, 3)
     if run.status is not None and metrics.get("queue_top") is not None:
         run.status.queue_top(run.project_id, metrics["queue_top"])
-    metrics = {**metrics, "timings": run.timings}
+    metrics = {**metrics, "timings": run.timings, **({"all_tasks": True} if run.all_tasks else {})}
     log.info(
         "project %s: job done in %.1f s: %s%s; timings %s",
         run.project_id,

@@ -159,9 +159,16 @@ def webhook():
 
 @bp.post("/train")
 def train():
-    """Legacy: the same as a START_TRAINING webhook. Body ``{"project": 7}`` or ``"7.<ts>"``."""
+    """Legacy: the same as a START_TRAINING webhook. Body ``{"project": 7}`` or ``"7.<ts>"``;
+    with ``"all_tasks": true`` that job pre-annotates every unlabeled task (once)."""
     body = json_body(request)
-    return _train(parse_project_id(body.get("project")), "START_TRAINING", "START_TRAINING")
+    project = parse_project_id(body.get("project"))
+    all_tasks = body.get("all_tasks", False)
+    if not isinstance(all_tasks, bool):
+        raise BadRequest(f"all_tasks must be true or false, got {type(all_tasks).__name__}")
+    if all_tasks:
+        StatusStore(_redis()).request_predict_all(project)
+    return _train(project, "START_TRAINING", "START_TRAINING")
 
 
 def _train(project: int, action: str, metric_action: str):

@@ -267,6 +267,9 @@ def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, 
     again = run(job_settings, client, cache, status, reason="TASKS_CREATED")
     assert again["outcome"] == "re-ranked (labels unchanged)"
     assert again["model_version"] == "resnet18-v2"
+    # ...and then nothing to publish: the re-ranked version counts as the model it reuses.
+    same = run(job_settings, client, cache, status, reason="START_TRAINING")
+    assert same["outcome"].startswith("unchanged") and same["model_version"] is None
     # `refresh` forces a retrain; a new label retrains.
     forced = run(job_settings, client, cache, status, reason="refresh")
     assert forced["outcome"] == "trained" and forced["model_version"] == "resnet18-v3"
@@ -457,3 +460,30 @@ def test_the_fine_tune_comes_after_a_live_head_version_and_only_when_due(
     best = max(tried.values())
     assert tried[out["metrics"]["served_backbone"]] == best == out["metrics"]["val_accuracy"]
     assert out["metrics"]["labels_used"] == 95
+
+
+def test_predict_all_writes_every_unlabeled_task_once_then_back_to_the_queue_depth(
+    world, job_settings, redis_conn
+):
+    """``refresh --all-tasks`` (a flag in Redis, so a coalesced job cannot lose it): the next
+    job publishes a prediction for every unlabeled task, even with nothing changed; the job
+    after it is back to QUEUE_DEPTH (here nothing changed, so nothing is published)."""
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    settings = job_settings.with_overrides(queue_depth=40)
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    first = run(settings, client, cache, status)
+    assert sum(v == first["model_version"] for _, v in client.predictions) == 40
+    status.request_predict_all(1)
+    every = run(settings, client, cache, status, reason="START_TRAINING")  # nothing changed
+    version = every["model_version"]
+    assert version not in (None, first["model_version"]) and client.shown == version
+    unlabeled = {t["id"] for t in tasks if not t["annotations"]}
+    assert {t for t, v in client.predictions if v == version} == unlabeled
+    pushed = [p for (t, v), p in client.predictions.items() if v == version]
+    assert all(p["result"] for p in pushed)  # a pre-annotation on each, not only a queue place
+    assert every["metrics"]["predictions_pushed"] == len(unlabeled) == 120
+    assert every["metrics"]["all_tasks"] is True
+    again = run(settings, client, cache, status)
+    assert again["outcome"].startswith("unchanged") and again["model_version"] is None

@@ -176,6 +176,13 @@ def test_train_is_start_training(client, redis_conn, settings):
     assert response.get_json() == {"status": "enqueued", "project": 12, "action": "START_TRAINING"}
     assert client.post("/train", json={"project": 12}).get_json()["status"] == "already_waiting"
     assert queued_jobs(redis_conn, settings)[0].args[:2] == (12, "START_TRAINING")
+    # "all_tasks": the job (here the one already waiting) pre-annotates every unlabeled task
+    store = StatusStore(redis_conn)
+    assert not store.predict_all_requested(12)
+    response = client.post("/train", json={"project": 12, "all_tasks": True})
+    assert response.status_code == 201 and store.predict_all_requested(12)
+    bad = client.post("/train", json={"project": 12, "all_tasks": "yes"})
+    assert bad.status_code == 400 and "all_tasks must be true or false" in bad.get_json()["error"]
 
 
 def test_status_shows_state_history_and_queue(client, redis_conn):
