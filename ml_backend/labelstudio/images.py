@@ -487,8 +487,13 @@ class CachedImages:
         return self.shape[0]
 
     def __getitem__(self, index):
-        if isinstance(index, tuple):
-            return self[index[0]][(slice(None), *index[1:])] if index else self[:]
+        if isinstance(index, tuple):  # rows first, then the rest on what was read
+            if not index:
+                return self[:]
+            first, rest = index[0], index[1:]
+            if isinstance(first, (int, np.integer)):
+                return self[first][rest]
+            return self[first][(slice(None), *rest)]
         if isinstance(index, (int, np.integer)):
             return self._read(np.arange(len(self))[[index]])[0]
         return self._read(np.arange(len(self))[index])

@@ -297,6 +297,7 @@ def test_lazy_fetch_reads_no_cached_pixels_and_rows_match(fake, cache, settings,
     assert np.array_equal(lazy[np.array([5, 0])], arrays[[5, 0]])
     assert np.array_equal(np.take(lazy, [3, 3, 1], axis=0), arrays[[3, 3, 1]])
     assert np.array_equal(lazy[:, 16, 16], arrays[:, 16, 16])
+    assert np.array_equal(lazy[4, 16, 16], arrays[4, 16, 16]) and lazy[-1].shape == (32, 32, 3)
     assert np.array_equal(np.asarray(lazy), arrays) and np.array_equal(lazy.in_memory(), arrays)
 
 
