@@ -202,16 +202,7 @@ class ImageCache:
                     failures[task_id] = str(exc)
                     log.warning("task %s: image skipped: %s", task_id, exc)
                 if every and (count % every == 0 or count == n):
-                    rate = count / max(time.monotonic() - started, 1e-9)
-                    log.info(
-                        "images: %d/%d (%d%%), %d from cache, %d failed, %.0f images/s",
-                        count,
-                        n,
-                        100 * count // n,
-                        sum(hits),
-                        len(failures),
-                        rate,
-                    )
+                    _log_progress(count, n, sum(hits), len(failures), started)
         ok_rows = [i for i in range(n) if done_ok[i]]
         for j, i in enumerate(ok_rows):  # compact in place: no second copy of a large pool
             if i != j:
@@ -228,13 +219,16 @@ class ImageCache:
         pool-sized array."""
         expected = CACHE_HEADER_BYTES + self.size * self.size * 3
         failures: dict[int, str] = {}
-        ok = [False] * len(items)
+        n = len(items)
+        ok, hits = [False] * n, [False] * n
+        every = max(1, n // 10) if n >= 100 else 0
+        started = time.monotonic()
 
         def one(i: int) -> None:
             task_id, url = items[i]
             try:
                 if self.path_for(url).stat().st_size == expected:
-                    ok[i] = True
+                    ok[i] = hits[i] = True
                     return
             except OSError:
                 pass
@@ -248,7 +242,9 @@ class ImageCache:
                 log.warning("task %s: image skipped: %s", task_id, exc)
 
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="image-fetch") as pool:
-            list(pool.map(one, range(len(items))))
+            for count, _ in enumerate(pool.map(one, range(n)), 1):
+                if every and (count % every == 0 or count == n):
+                    _log_progress(count, n, sum(hits), len(failures), started)
         kept = [item for item, good in zip(items, ok, strict=True) if good]
         return CachedImages(self, kept), [task_id for task_id, _ in kept], failures
 
@@ -464,6 +460,19 @@ def _data_uri(url: str, limit: int) -> bytes:
         return unquote_to_bytes(payload)
     except (binascii.Error, ValueError):
         raise ImageError("malformed data: URI") from None
+
+
+def _log_progress(count: int, n: int, cached: int, failed: int, started: float) -> None:
+    rate = count / max(time.monotonic() - started, 1e-9)
+    log.info(
+        "images: %d/%d (%d%%), %d from cache, %d failed, %.0f images/s",
+        count,
+        n,
+        100 * count // n,
+        cached,
+        failed,
+        rate,
+    )
 
 
 class CachedImages:

@@ -253,6 +253,10 @@ def test_empty_and_progress(fake, cache, caplog):
     with caplog.at_level(logging.INFO, logger="ml_backend.labelstudio.images"):
         arrays, ok, _ = cache.fetch_arrays([(i, "/data/upload/1/up.png") for i in range(120)])
     assert len(ok) == 120 and "images: 120/120 (100%)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ml_backend.labelstudio.images"):
+        _, ok, _ = cache.fetch_lazy([(i, "/data/upload/1/up.png") for i in range(120)])
+    assert len(ok) == 120 and "images: 120/120 (100%), 120 from cache" in caplog.text
 
 
 def test_native_sizes_read_headers_and_leave_out_broken_images(settings):
