@@ -3,8 +3,9 @@
 Orchestration only; the work lives in ``labelstudio`` (tasks, images), ``model`` (train,
 predict, store) and ``selection`` (ranking). One run:
 
-1. wait for the project's webhooks to settle, then read every task and the label set from Label
-   Studio; fetch images (cached on disk);
+1. wait for the project's webhooks to settle, then read the label set and the tasks changed
+   since the last job from Label Studio (``task_index``); fetch new images into the disk cache
+   (the pool reads cached ones only when a step needs their pixels: ``CachedImages``);
 2. the project's self-supervised backbone (pretrained in this job when there is none yet, or the
    pool grew by half); the pool's embeddings under it and under the PRETRAINED weights come from
    the embedding cache, so only new images are embedded (``model.embeddings``);
@@ -17,7 +18,8 @@ predict, store) and ``selection`` (ranking). One run:
 5. the pool's probabilities (the served head on the cached embeddings; a fine-tuned backbone
    embeds once), rank the unlabeled tasks;
 6. write the version atomically, push a prediction for each of the top ``QUEUE_DEPTH`` unlabeled
-   tasks, switch the project to it (``publish``). A failure before the switch leaves the previous
+   tasks (every unlabeled task after ``refresh --all-tasks``), switch the project to it
+   (``publish``). A failure before the switch leaves the previous
    version serving; after it, the new version stays.
 """
 
