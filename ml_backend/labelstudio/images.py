@@ -252,12 +252,7 @@ class ImageCache:
         """``uint8 [len(items), S, S, 3]`` from the cache (fetched again where an entry is gone
         or unreadable); an image that cannot be had any more is left black, with a warning."""
         if out is None:
-            out = (
-                self._allocate(len(items))
-                if len(items) > 1
-                else np.empty((len(items), self.size, self.size, 3), np.uint8)
-            )
-
+            out = self._allocate(len(items))
         hits = [False] * len(items)
 
         def one(i: int) -> None:
