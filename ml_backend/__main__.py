@@ -206,12 +206,18 @@ def _run(settings: Settings, args) -> int:
         env=env,
         preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (no threads yet)
     )  # fmt: skip
-    worker = subprocess.Popen(
-        [*me, "worker", "--connection-log", "changes"],
-        env=env,
-        preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509
-    )
-    children = {"web": web, "worker": worker}
+    # RUN_WORKERS workers: with two, one pretrains a project's backbone while the other keeps
+    # training after each label (jobs.pretraining); only the first logs Label Studio's state.
+    workers = [
+        subprocess.Popen(
+            [*me, "worker", "--connection-log", "changes" if n == 0 else "none"],
+            env=env,
+            preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509
+        )
+        for n in range(settings.run_workers)
+    ]
+    names = ["worker"] + [f"worker-{n + 1}" for n in range(1, len(workers))]
+    children = {"web": web, **dict(zip(names, workers, strict=True))}
     host, note = listen_host(settings, args.host)  # what the web child decides (and logs)
     shown = "127.0.0.1" if host == "0.0.0.0" else host
     scope = (
@@ -225,7 +231,9 @@ def _run(settings: Settings, args) -> int:
         f"dashboard: http://{shown}:{args.port}/dashboard)",
         flush=True,
     )
-    print(f"worker: pid {worker.pid}, queue {settings.rq_queue!r}", flush=True)
+    for name, worker in zip(names, workers, strict=True):
+        print(f"{name}: pid {worker.pid}, queues {settings.rq_queue!r} and "
+              f"{settings.rq_queue + '-pretrain'!r}", flush=True)  # fmt: skip
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append("SIGTERM"))
     signal.signal(signal.SIGINT, lambda *_: stopping.append("SIGINT"))
@@ -244,7 +252,7 @@ def _run(settings: Settings, args) -> int:
                 break
             time.sleep(0.2)
     finally:
-        stop_children(web, worker)  # while Redis is up: the worker records an interrupted job
+        stop_children(web, *workers)  # while Redis is up: the worker records an interrupted job
         if server is not None:
             server.stop()
     print("stopped", flush=True)

@@ -57,9 +57,10 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "SELF_SUPERVISED": (
         "on",
-        "on: before the first model, pretrain the ResNet18 backbone on the project's own images "
-        "(SimCLR), within PRETRAIN_BUDGET_S, and again when the pool has grown by half; its "
-        "embeddings order the cold start and feed the head. off: the PRETRAINED weights only.",
+        "on: pretrain the ResNet18 backbone on the project's own images (SimCLR), within "
+        "PRETRAIN_BUDGET_S, in a job of its own started by the project's first job, and again "
+        "when the pool has grown by half; until it is ready jobs use the PRETRAINED weights, "
+        "then its embeddings order the queue and feed the head. off: the PRETRAINED weights only.",
     ),
     "PRETRAIN_BUDGET_S": (
         "120",
@@ -176,7 +177,16 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "name (never by `*`).",
     ),
     "JOB_TIMEOUT": ("7200", "Seconds a training job may run before RQ stops it."),
-    "RQ_QUEUE": ("ml-backend", "Name of the RQ queue (several deployments may share one Redis)."),
+    "RQ_QUEUE": (
+        "ml-backend",
+        "Name of the RQ queue (several deployments may share one Redis); pretraining jobs go to "
+        "`<RQ_QUEUE>-pretrain`, which every worker also serves.",
+    ),
+    "RUN_WORKERS": (
+        "2",
+        "Worker processes `run` starts: with two, one pretrains a project's backbone while the "
+        "other retrains after each label; 1 runs both in turn (less memory).",
+    ),
 }
 
 
@@ -196,6 +206,7 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "KEEP_VERSIONS": (1, 100),
     "MAX_REQUEST_BYTES": (1024, 1 << 30),
     "IMAGE_FETCH_WORKERS": (1, 64),
+    "RUN_WORKERS": (1, 16),
     "MAX_IMAGE_PIXELS": (1024, 178_956_970),  # Pillow refuses more than this anyway
     "MAX_IMAGE_BYTES": (1024, 1 << 30),
     "JOB_TIMEOUT": (10, 86_400),
@@ -387,6 +398,7 @@ class Settings:
     image_hosts: tuple[str, ...] = ()
     job_timeout: int = 7200
     rq_queue: str = "ml-backend"
+    run_workers: int = 2
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -458,6 +470,7 @@ class Settings:
             image_hosts=_hosts(get("IMAGE_HOSTS")),
             job_timeout=_int("JOB_TIMEOUT", get("JOB_TIMEOUT"), minimum=10),
             rq_queue=get("RQ_QUEUE"),
+            run_workers=_int("RUN_WORKERS", get("RUN_WORKERS"), minimum=1),
         )
         _check_bounds(settings)
         return settings

@@ -147,23 +147,23 @@ def _wait(processes, seconds: float) -> bool:
     return all(p.poll() is not None for p in processes)
 
 
-def stop_children(web: subprocess.Popen | None, worker: subprocess.Popen | None) -> None:
-    """Stop ``run``'s web app and worker in about ``WARM_STOP_S + COLD_STOP_S`` at most.
+def stop_children(web: subprocess.Popen | None, *workers: subprocess.Popen | None) -> None:
+    """Stop ``run``'s web app and workers in about ``WARM_STOP_S + COLD_STOP_S`` at most.
 
-    SIGTERM to both (gunicorn stops gracefully, an idle worker at once, a busy one after its
-    job); after ``WARM_STOP_S``, SIGTERM again to a busy worker (RQ's cold stop: the job is
+    SIGTERM to all (gunicorn stops gracefully, an idle worker at once, a busy one after its
+    job); after ``WARM_STOP_S``, SIGTERM again to the busy workers (RQ's cold stop: the job is
     interrupted and recorded as failed) and SIGQUIT to gunicorn (its quick stop); after
     ``COLD_STOP_S`` more, SIGKILL.
     """
-    both = [p for p in (web, worker) if p is not None]
-    _send(both, signal.SIGTERM)
-    if _wait(both, WARM_STOP_S):
+    busy = [p for p in workers if p is not None]
+    every = [p for p in (web, *busy) if p is not None]
+    _send(every, signal.SIGTERM)
+    if _wait(every, WARM_STOP_S):
         return
-    if worker is not None:
-        _send([worker], signal.SIGTERM)
+    _send(busy, signal.SIGTERM)
     if web is not None:
         _send([web], signal.SIGQUIT)
-    if _wait(both, COLD_STOP_S):
+    if _wait(every, COLD_STOP_S):
         return
-    _send(both, signal.SIGKILL)
-    _wait(both, 2.0)
+    _send(every, signal.SIGKILL)
+    _wait(every, 2.0)

@@ -417,9 +417,10 @@ def _start_run(tmp_path, port: int) -> tuple[subprocess.Popen, str, dict[str, in
     banner = _read_until(process.stdout, "label studio:")
     pids = {
         name: int(pid)
-        for name, pid in re.findall(r"^(redis|web|worker): .*?pid (\d+)", banner, re.M)
+        for name, pid in re.findall(r"^(redis|web|worker(?:-\d+)?): .*?pid (\d+)", banner, re.M)
     }
-    assert set(pids) == {"redis", "web", "worker"}, banner
+    # RUN_WORKERS=2: one worker can pretrain while the other trains
+    assert set(pids) == {"redis", "web", "worker", "worker-2"}, banner
     _health(port)
     return process, banner, pids
 

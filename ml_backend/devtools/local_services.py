@@ -241,6 +241,12 @@ class RedisProcess:
             self._lite = None
 
 
+def pretraining_busy(status: dict) -> bool:
+    """Whether a project's ``/status`` shows its pretraining job waiting or running (a training
+    job for the new backbone follows it)."""
+    return (status.get("pretraining") or {}).get("state") in ("waiting", "running")
+
+
 class BackendProcesses:
     """``python -m ml_backend serve`` and ``python -m ml_backend worker``, as a user starts them.
 
@@ -251,6 +257,8 @@ class BackendProcesses:
         port: the web port (a free one when None).
         code: the checkout whose ``ml_backend`` runs (this one by default; benchmarks pass an
             older checkout to compare).
+        workers: how many ``worker`` processes (``run`` starts ``RUN_WORKERS``, 2: one can
+            pretrain while another trains); their logs are ``worker.log``, ``worker-2.log``, ...
     """
 
     def __init__(
@@ -259,6 +267,7 @@ class BackendProcesses:
         log_dir: Path,
         port: int | None = None,
         code: Path = REPO_ROOT,
+        workers: int = 1,
     ):
         self.env = child_environment(**env)
         self.log_dir = Path(log_dir)
@@ -267,6 +276,8 @@ class BackendProcesses:
         self.url = f"http://127.0.0.1:{self.port}"
         self.web: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.names = ["worker"] + [f"worker-{n + 1}" for n in range(1, workers)]
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -284,7 +295,8 @@ class BackendProcesses:
     def start(self, timeout_s: float = 60.0) -> BackendProcesses:
         """Start both and wait for the web app's ``/health``."""
         self.web = self._spawn("web", "serve", "--host", "127.0.0.1", "--port", str(self.port))
-        self.worker = self._spawn("worker", "worker")
+        self.workers = [self._spawn(name, "worker") for name in self.names]
+        self.worker = self.workers[0]
         wait_http_ok(
             f"{self.url}/health", timeout_s, self.web, "the backend web app", self.log_path("web")
         )
@@ -298,7 +310,7 @@ class BackendProcesses:
         """The tails of both logs, for a failure report."""
         return "\n".join(
             f"----- {name}.log -----\n{tail(self.log_path(name), lines)}"
-            for name in ("web", "worker")
+            for name in ("web", *self.names)
         )
 
     def project_status(self, project: int, history: int = 10) -> dict:
@@ -312,14 +324,18 @@ class BackendProcesses:
         return reply.json() if reply.status_code == 200 else {}
 
     def wait_idle(self, project: int, timeout_s: float = 600, quiet_s: float = 5) -> dict:
-        """Wait until the project has a version and no job ran or waited for ``quiet_s``
-        seconds (no follow-up came); returns its status. Benchmarks use it."""
+        """Wait until the project has a version and no job (training or pretraining) ran or
+        waited for ``quiet_s`` seconds (no follow-up came); returns its status. Benchmarks use
+        it."""
         deadline, quiet_since = time.monotonic() + timeout_s, None
         while time.monotonic() < deadline:
             now = self.project_status(project, history=50)
             queue = now.get("queue") or {}
             busy = (
-                now.get("state") != "idle" or queue.get("waiting_job") or queue.get("running_job")
+                now.get("state") != "idle"
+                or queue.get("waiting_job")
+                or queue.get("running_job")
+                or pretraining_busy(now)
             )
             if busy or not now.get("model_version"):
                 quiet_since = None
@@ -332,9 +348,10 @@ class BackendProcesses:
 
     def alive(self) -> bool:
         """Whether both processes are still running."""
-        return all(p is not None and p.poll() is None for p in (self.web, self.worker))
+        return all(p is not None and p.poll() is None for p in (self.web, *self.workers))
 
     def stop(self) -> None:
         """Stop the worker (it finishes or abandons its job) and the web app."""
-        stop_process(self.worker, grace_s=20)
+        for worker in self.workers:
+            stop_process(worker, grace_s=20)
         stop_process(self.web, grace_s=10)

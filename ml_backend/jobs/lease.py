@@ -9,7 +9,8 @@ never double up), clears a running job whose lease ran out or a waiting job RQ n
 records it as failed in ``/status`` and the log, and enqueues the follow-up. A killed job's
 project therefore retrains within about ``JOB_LEASE_S + RECONCILE_S`` without any new webhook.
 It also runs a project again when its last job failed because Label Studio was unreachable, once
-the retry delay (``JOB_RETRY_S``, doubling per failure, at most 15 minutes) has passed.
+the retry delay (``JOB_RETRY_S``, doubling per failure, at most 15 minutes) has passed, and does
+the same for the project's pretraining job (``jobs.pretraining.reconcile``).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class Reconciler:
 
     def run_once(self) -> list[dict]:
         """One pass over every known project; returns what it did (for tests and the log)."""
+        from ml_backend.jobs import pretraining
         from ml_backend.jobs.markers import Markers, job_of
         from ml_backend.jobs.queue import KILLED, LOST, enqueue, new_job_id, record_dead_job
         from ml_backend.jobs.state import StatusStore
@@ -98,6 +100,8 @@ class Reconciler:
                 enqueue(self.redis, self.settings, project, "retry", follow_id)
                 log.info("project %s: retry job %s enqueued", project, follow_id)
                 done.append({"project": project, "retry": follow_id})
+            if pretrain := pretraining.reconcile(self.redis, self.settings, project):
+                done.append({"project": project, "pretraining": pretrain})
         return done
 
     def start(self) -> Reconciler:

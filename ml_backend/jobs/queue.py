@@ -116,7 +116,8 @@ def queue_state(redis, project_id: int) -> dict:
 def live_status(redis, project_id: int) -> dict:
     """The project's status with its state taken from the live markers, never from a record a
     killed job left behind: ``running`` while a job holds its lease, ``waiting`` while one is
-    queued, else ``idle``; progress is shown only while running."""
+    queued, else ``idle``; progress is shown only while running. The same for the pretraining
+    job: one whose worker died reads ``stopped`` until the reconciler replaces it."""
     status = StatusStore(redis).project_status(project_id)
     live = queue_state(redis, project_id)
     state = "running" if live["running_job"] else "waiting" if live["waiting_job"] else "idle"
@@ -125,6 +126,14 @@ def live_status(redis, project_id: int) -> dict:
         status["progress"] = {}
     if not live["waiting_job"]:
         status["waiting"] = None
+    pretraining = status["pretraining"]
+    if pretraining.get("state") in ("waiting", "running"):
+        from ml_backend.jobs.pretraining import PretrainMarker, redis_now
+
+        marker = PretrainMarker(redis)
+        if marker.live(marker.read(project_id), redis_now(redis), 30.0) is None:
+            pretraining.update(state="stopped", progress={},
+                               error="its worker stopped; the reconciler runs it again")  # fmt: skip
     return status
 
 
@@ -143,6 +152,11 @@ def use_settings(settings: Settings) -> None:
     """Make jobs in this process use ``settings`` (the worker calls it once at start)."""
     global _worker_settings
     _worker_settings = settings
+
+
+def worker_settings() -> Settings:
+    """The settings jobs in this process run with (``use_settings``, else the environment)."""
+    return _worker_settings or Settings.from_env()
 
 
 def _training_target():
@@ -188,7 +202,7 @@ def run_training_job(project_id: int, reason: str, target: Callable | None = Non
     """
     job = get_current_job()
     redis, project_id = job.connection, int(project_id)
-    settings = _worker_settings or Settings.from_env()
+    settings = worker_settings()
     status, markers = StatusStore(redis), Markers(redis)
     queue_name = job.origin or settings.rq_queue
     started, previous = markers.start(project_id, job.id, queue_name, settings.job_lease_s)

@@ -12,6 +12,7 @@ of workers) see the same picture:
 - ``mlb:versions:<project>``  hash: Label Studio prediction version -> when it stopped being
                               current (the grace clock of its predictions)
 - ``mlb:pretrained``          where the worker's initial weights came from
+- ``mlb:pretrain:<project>``  the waiting or running pretraining job (``jobs.pretraining``)
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ class StatusStore:
             "params": self.project_params(project),
             "image_size": int(_text(raw["image_size"])) if raw.get("image_size") else None,
             "acceptance": self.acceptance(project),
+            "pretraining": self.pretraining(project),
         }
 
     def has_status(self, project: int | str) -> bool:
@@ -318,6 +320,32 @@ class StatusStore:
 
     def clear_predict_all(self, project: int | str) -> None:
         self.redis.delete(self._flag_key("predict_all", project))
+
+    # -- the pretraining job (``jobs.pretraining``) ----------------------------------------
+    def pretraining(self, project: int | str) -> dict:
+        """The project's self-supervised pretraining job as last recorded: ``state`` (waiting,
+        running, done, failed), ``job_id``, ``reason``, times, ``progress`` while it runs, and
+        ``outcome``, ``backbone``, ``epochs``, ``seconds`` or ``error`` once it ended; ``{}``
+        before the first."""
+        return _loads(self.redis.hget(self._status_key(project), "pretraining"), {}) or {}
+
+    def pretraining_update(self, project: int | str, **fields: Any) -> None:
+        """Merge ``fields`` into the pretraining record (None removes a field)."""
+        current = self.pretraining(project)
+        current.update({k: _safe_float(v) for k, v in fields.items()})
+        current = {k: v for k, v in current.items() if v is not None}
+        pipe = self.redis.pipeline()
+        self._touch(pipe, project)
+        pipe.hset(self._status_key(project), "pretraining", _dumps(current))
+        pipe.execute()
+
+    def pretraining_progress(self, project: int | str, **fields: Any) -> None:
+        """Merge per-epoch progress (``epoch``, ``loss``, ``seconds_left``) into the record."""
+        current = self.pretraining(project)
+        progress = dict(current.get("progress") or {})
+        progress.update({k: _safe_float(v) for k, v in fields.items()})
+        progress["updated_at"] = time.time()
+        self.pretraining_update(project, progress=progress)
 
     def _pushed_key(self, project) -> str:
         return f"{PREFIX}pushed:{project_key(project)}"

@@ -13,21 +13,27 @@ import socket
 import uuid
 
 from redis import Redis
-from rq import SimpleWorker
+from rq import Queue, SimpleWorker
 
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError
-from ml_backend.jobs import queue
+from ml_backend.jobs import pretraining, queue
 from ml_backend.jobs.lease import Reconciler
 
 log = logging.getLogger(__name__)
 
 
 def build_worker(settings: Settings, redis: Redis) -> SimpleWorker:
-    """A ``SimpleWorker`` listening on ``settings.rq_queue`` (no fork per job)."""
+    """A ``SimpleWorker`` (no fork per job) listening on ``settings.rq_queue`` and then on the
+    pretraining queue (``jobs.pretraining``): RQ takes the first queue with a job, so a free
+    worker runs a waiting training job (seconds) before a pretraining (minutes)."""
     queue.use_settings(settings)
     name = f"ml-backend-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    return SimpleWorker([queue.rq_queue(redis, settings)], connection=redis, name=name)
+    queues = [
+        queue.rq_queue(redis, settings),
+        Queue(pretraining.queue_name(settings), connection=redis),
+    ]
+    return SimpleWorker(queues, connection=redis, name=name)
 
 
 def run_worker(settings: Settings, burst: bool = False) -> bool:
@@ -43,7 +49,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         raise ConfigError("REDIS_URL is required for the worker (e.g. redis://localhost:6379/0)")
     redis = Redis.from_url(settings.redis_url)
     worker = build_worker(settings, redis)
-    log.info("worker %s listening on queue %r", worker.name, settings.rq_queue)
+    log.info("worker %s listening on queues %s", worker.name, ", ".join(worker.queue_names()))
     # Jobs of killed workers (here or on other machines) are recorded and retried from here.
     reconciler = Reconciler(redis, settings).start()
     try:

@@ -6,8 +6,9 @@ predict, store) and ``selection`` (ranking). One run:
 1. wait for the project's webhooks to settle, then read the label set and the tasks changed
    since the last job from Label Studio (``task_index``); fetch new images into the disk cache
    (the pool reads cached ones only when a step needs their pixels: ``CachedImages``);
-2. the project's self-supervised backbone (pretrained in this job when there is none yet, or the
-   pool grew by half); the pool's embeddings under it and under the PRETRAINED weights come from
+2. the project's self-supervised backbone; when there is none yet, or the pool grew by half, a
+   pretraining job of its own is asked for and this job goes on with the backbone it has
+   (``pipeline.pretraining``); the pool's embeddings under it and under the PRETRAINED weights come from
    the embedding cache, so only new images are embedded (``model.embeddings``);
 3. with at least two labeled classes: the served model (``model.recipe``: a head on frozen
    embeddings, with pseudo-labels or fine-tuned when cross-validation prefers it), no retrain
@@ -38,6 +39,7 @@ from redis.exceptions import RedisError
 
 from ml_backend.config import PARAM_RULES, Settings
 from ml_backend.errors import BackendError
+from ml_backend.jobs.pretraining import RETRY_AFTER_FAILURE_S
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.backbones import BackboneStore
@@ -50,11 +52,11 @@ from ml_backend.model.embeddings import (
 from ml_backend.model.features import backbone_model
 from ml_backend.model.inference import predict
 from ml_backend.model.network import build_model, resolve_device
-from ml_backend.model.pretrain import pretrain_backbone
 from ml_backend.model.recipe import RecipeConfig, train_served_model
 from ml_backend.model.sizing import choose_image_size
 from ml_backend.model.storage import COLD_START_PREFIX, ModelStore, cold_start_version
 from ml_backend.pipeline.pool import Pool, build_pool
+from ml_backend.pipeline.pretraining import BACKBONES_KEPT, pretrain_pool, pretraining_due
 from ml_backend.pipeline.publish import (
     build_predictions,
     publish,
@@ -77,9 +79,6 @@ MODEL_KNOBS = ("epochs", "batch_size", "learning_rate", "seed", "pretrained", "s
                "pseudo_labels", "finetune_min_labels")  # fmt: skip
 # IMAGE_SIZE=auto reads the size of this many images (evenly spread over the task list).
 SIZE_SAMPLE = 64
-# The backbone is pretrained again when the pool has grown by this factor since the last time.
-PRETRAIN_AGAIN_AT = 1.5
-BACKBONES_KEPT = 2
 # From FINETUNE_MIN_LABELS labels a job fine-tunes again (after its head version is live) when
 # the labels have grown by this factor since the last fine-tune; jobs between are heads only.
 FINETUNE_AGAIN_AT = 1.5
@@ -141,6 +140,7 @@ class _Run:
     client: object
     status: object | None
     snapshot: object = None
+    redis: object = None  # the queue's connection (asks for pretraining jobs); None: inline
     timings: dict = dataclasses.field(default_factory=dict)
     # embedding rows this job took from the cache / computed (all passes together)
     embedded: dict = dataclasses.field(default_factory=lambda: {"cached": 0, "computed": 0})
@@ -203,7 +203,8 @@ def train_project(
         project_id: the Label Studio project id.
         reason: what triggered the job (webhook action, ``train``, ``refresh``).
         settings: the deployment's settings (per-project knobs from the status store apply on top).
-        redis: unused here; the queue passes it for symmetry with other targets.
+        redis: the queue's Redis connection: a missing backbone is pretrained by a job of its
+            own (``jobs.pretraining``). None: pretrained inside this job.
         status: the StatusStore for progress, the queue explanation and what is published, or
             None.
         snapshot: called right before the labels are read (the queue waits for webhooks to
@@ -223,6 +224,7 @@ def train_project(
         client or LabelStudioClient(settings),
         status,
         snapshot,
+        redis,
     )
     spec, pool = _fetch(run, image_cache)
     if run.all_tasks:
@@ -317,10 +319,12 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
     initial)``, ``initial`` being the PRETRAINED weights' state when the backbone is another one
     (the recipe also tries a head on those: see ``_train``), else None.
 
-    SELF_SUPERVISED=on: the project's own SimCLR backbone (``model.pretrain``), pretrained in
-    this job when there is none yet for this image size, or the pool has grown by half since;
-    it starts from the PRETRAINED weights when those load (domain adaptation). Off: the
-    PRETRAINED weights as they are.
+    SELF_SUPERVISED=on: the project's own SimCLR backbone (``pipeline.pretraining``). When there
+    is none yet for this image size, or the pool has grown by half since, this job asks for a
+    pretraining job and goes on with what it has (the current backbone, else the PRETRAINED
+    weights); that job asks for a training job once the new backbone is stored. Run without a
+    queue (``redis`` None: tests, a direct call), it pretrains here instead. Off: the PRETRAINED
+    weights as they are.
     """
     settings, size = run.settings, int(pool.images.shape[1])
     # Seeded: without ImageNet weights the random init is the same network in every job.
@@ -330,67 +334,46 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
     run.record_weights(source)
     if not settings.self_supervised or settings.pretrain_budget_s <= 0:
         return f"{source}@{size}", initial.state_dict(), source, None
-    store = BackboneStore(settings.model_dir)
-    found = store.latest(run.project_id)
-    if found is not None:
-        name, state, meta = found
-        grown = len(pool.task_ids) >= PRETRAIN_AGAIN_AT * max(1, int(meta.get("pool_size", 0)))
-        if int(meta.get("image_size", 0)) == size and not grown:
-            return (
-                name,
-                state,
-                f"self-supervised {name} ({meta.get('epochs')} epochs)",
-                initial.state_dict(),
-            )
-    t0 = time.monotonic()
-    run.progress(stage="pretraining", budget_s=settings.pretrain_budget_s)
-    log.info(
-        "project %s: self-supervised pretraining on %d images at %d px (budget %d s, from %s)",
-        run.project_id,
-        len(pool.task_ids),
-        size,
-        settings.pretrain_budget_s,
-        source,
-    )
-    images = pool.images
-    result = pretrain_backbone(
-        images.in_memory() if hasattr(images, "in_memory") else images,  # read once, not per epoch
-        budget_s=settings.pretrain_budget_s,
-        max_epochs=settings.pretrain_epochs,
-        batch_size=max(16, settings.batch_size),  # 64 beat 128 at the same budget (more steps)
-        seed=settings.seed,
-        device=run.device,
-        init_state=initial.state_dict()
-        if source == "imagenet" or source.startswith("file:")
-        else None,
-        progress=lambda info: run.progress(
-            stage="pretraining", budget_s=settings.pretrain_budget_s, **info
-        ),
-        log=log,
-    )
-    name = store.save(
-        run.project_id,
-        result,
-        image_size=size,
-        pool_key=hashlib.sha256(pool.task_ids.astype("int64").tobytes()).hexdigest()[:16],
-        pool_size=len(pool.task_ids),
-    )
-    store.prune(run.project_id, keep=BACKBONES_KEPT)
-    run.lap("pretrain", t0)
-    log.info(
-        "project %s: backbone %s: %d epochs in %.0f s, final loss %.3f",
-        run.project_id,
-        name,
-        result.epochs,
-        result.seconds,
-        result.loss if result.loss is not None else float("nan"),
-    )
+    found = BackboneStore(settings.model_dir).latest(run.project_id)
+    why = pretraining_due(found, len(pool.task_ids), size)
+    if why is not None and run.redis is None:
+        t0 = time.monotonic()
+        done = pretrain_pool(settings, run.project_id, pool, run.device, run.progress)
+        run.lap("pretrain", t0)
+        found = (done["backbone"], done["state_dict"], {"epochs": done["epochs"],
+                                                         "image_size": size})  # fmt: skip
+    elif why is not None:
+        _ask_for_pretraining(run, why)
+    if found is None or int(found[2].get("image_size", 0)) != size:
+        return f"{source}@{size}", initial.state_dict(), source, None
+    name, state, meta = found
     return (
         name,
-        result.state_dict,
-        f"self-supervised {name} ({result.epochs} epochs)",
+        state,
+        f"self-supervised {name} ({meta.get('epochs')} epochs)",
         initial.state_dict(),
     )
+
+
+def _ask_for_pretraining(run: _Run, why: str) -> None:
+    """Ask for the project's pretraining job (``jobs.pretraining``); never fails the job."""
+    from ml_backend.jobs.pretraining import request_pretraining
+
+    try:
+        answer, job_id = request_pretraining(run.redis, run.settings, run.project_id, why)
+    except RedisError as exc:
+        log.warning("project %s: pretraining not asked for (Redis: %s); the next job asks again",
+                    run.project_id, type(exc).__name__)  # fmt: skip
+        return
+    if answer == "held back":
+        log.warning("project %s: %s, but the last pretraining failed less than %.0f min ago "
+                    "(see /status pretraining); not asked for again yet", run.project_id, why,
+                    RETRY_AFTER_FAILURE_S / 60)  # fmt: skip
+        return
+    log.info("project %s: %s: pretraining job %s %s; this job uses the backbone it has",
+             run.project_id, why, job_id,
+             {"enqueued": "enqueued", "waiting": "already waiting",
+              "running": "already running"}[answer])  # fmt: skip
 
 
 def _embed(run: _Run, pool: Pool, state: dict):

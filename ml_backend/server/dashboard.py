@@ -155,6 +155,26 @@ def progress_text(status: dict) -> tuple[str, float | None]:
     return words, None if fraction is None else max(0.0, min(1.0, fraction))
 
 
+def pretraining_text(status: dict) -> str:
+    """The project's pretraining job in words (``jobs.pretraining``), or ``""`` before any."""
+    pre = status.get("pretraining") or {}
+    state = pre.get("state")
+    if state == "running":
+        words = "Pretraining the project's own backbone (self-supervised)"
+        progress = pre.get("progress") or {}
+        if progress.get("epoch"):
+            words += f": epoch {progress['epoch']}, {progress.get('seconds_left') or 0:.0f} s left"
+        return words + "; jobs use the backbone they have meanwhile."
+    if state == "waiting":
+        return f"A pretraining of the project's backbone is waiting ({pre.get('reason')})."
+    if state in ("failed", "stopped"):
+        return f"Last pretraining failed: {pre.get('error')}"
+    if state == "done" and pre.get("backbone"):
+        return (f"Backbone {pre['backbone']} pretrained on {pre.get('images')} images "
+                f"({pre.get('epochs')} epochs, {pre.get('seconds') or 0:.0f} s).")  # fmt: skip
+    return pre.get("outcome") or ""
+
+
 def history_rows(history: list[dict]) -> list[dict]:
     """The job history as table rows (newest first)."""
     rows = []
@@ -191,10 +211,12 @@ def project_view(store: StatusStore, redis, project: int, ls_url: str) -> dict:
     last = status.get("last_job") or {}
     last_id = history[0].get("job_id") if history else None
     ids = ",".join(str(e.get("task_id")) for e in top)
+    pre = status.get("pretraining") or {}
     return {
         "id": project,
         # What the page's script compares with /status to know when to reload the content.
-        "signature": f"{status['state']}|{status.get('model_version') or ''}|{last_id or ''}|{ids}",
+        "signature": f"{status['state']}|{status.get('model_version') or ''}|{last_id or ''}|{ids}"
+        f"|{pre.get('state') or ''}{(pre.get('progress') or {}).get('epoch') or ''}",
         "state": status["state"],
         "model_version": status.get("model_version") or "none yet",
         "progress": words,
@@ -202,6 +224,7 @@ def project_view(store: StatusStore, redis, project: int, ls_url: str) -> dict:
         "started": _when(status.get("started_at")) if status["state"] == "running" else "",
         "reason": status.get("reason") if status["state"] == "running" else "",
         "waiting": status.get("waiting"),
+        "pretraining": pretraining_text(status),
         "last_outcome": last.get("outcome") or "",
         "last_error": last.get("error") or "",
         "accuracy_chart": line_chart(

@@ -7,9 +7,14 @@ classes), imported as local files. For each checkout (this one, and ``--compare 
 ``DEVICE=cpu``) and its own project with the same images. After the cold start, ``--labels``
 annotations are submitted at a fixed pace as "Label All Tasks" serves them (``/next/``, then the
 true label through the API). Every second the bench records which version Label Studio serves and
-how many labels it was trained on. It reports:
+how many labels it was trained on. Annotators start as soon as the first order is live
+(``--label-from first-order``, as users do) or once the project is idle (``settled``: the
+backbone pretrained and in use). This checkout runs with two workers, as ``run`` starts it
+(``RUN_WORKERS``); a ``--compare`` checkout with one (what its ``run`` started). It reports:
 
-- the cold start (from the import to the first order live; self-supervised pretraining included);
+- the first order: from the import to the first order live in Label Studio;
+- the backbone: from the import until a version on the project's own backbone is live (the
+  same as the first order for code that pretrains inside the first job);
 - the lag: the most labels that existed a minute earlier and that the live version did not have;
 - "settled": seconds from the last label until a version trained on every label is live;
 - the accuracy of the live version's pre-annotations on the unlabeled tasks (``QUEUE_DEPTH`` is
@@ -92,6 +97,7 @@ class Watcher(threading.Thread):
         self.submitted = 0
         self.samples: list[tuple[float, int, int]] = []
         self.trained_on: dict[str, int] = {}
+        self.pretrained_at: float | None = None  # the pretraining job's end (this code only)
         self.stop = threading.Event()
 
     def run(self):
@@ -106,6 +112,9 @@ class Watcher(threading.Thread):
                 live = self.api.project(self.project).get("model_version")
             except Exception:  # noqa: BLE001 - a sample is skipped
                 live = None
+            pre = now.get("pretraining") or {}
+            if self.pretrained_at is None and pre.get("state") == "done":
+                self.pretrained_at = time.monotonic()
             have = self.trained_on.get(live)
             if have is None and live and live.startswith("coldstart-"):
                 have = 0
@@ -137,20 +146,25 @@ def baselines(pixels: dict[int, np.ndarray], truth, labeled: set[int], tasks: li
 
 
 def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
-    with checkout_backend(code, ls, work, {**SETTINGS, "QUEUE_DEPTH": str(args.tasks)}) as backend:
+    workers = 2 if code == ROOT else 1
+    settings = {**SETTINGS, "QUEUE_DEPTH": str(args.tasks)}
+    with checkout_backend(code, ls, work, settings, workers=workers) as backend:
         project = api.create_project(f"live model {code.name}", label_config=CONFIG)
         api.connect_backend(project, backend.url)
         api.update_project(project, start_training_on_annotation_update=True)
         t0 = time.monotonic()
         truth = import_mnist(api, project, ls.document_root, images, digits)
-        backend.wait_idle(project)
-        cold_s = time.monotonic() - t0
+        watcher = Watcher(backend, api, project)
+        watcher.start()
+        while not (api.project(project).get("model_version") or "").startswith("coldstart-"):
+            time.sleep(0.5)
+        first_order_s = time.monotonic() - t0
+        if args.label_from == "settled":
+            backend.wait_idle(project)
         pixels = {}
         for task in api.tasks(project):
             name = task["data"]["image"].rsplit("/", 1)[-1]
             pixels[task["id"]] = images[int(name.split(".")[0])].astype(np.float32).ravel() / 255
-        watcher = Watcher(backend, api, project)
-        watcher.start()
         labeled: set[int] = set()
         for _ in range(args.labels):
             task = None
@@ -174,6 +188,7 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
                 break
             time.sleep(1.0)
         final = backend.wait_idle(project)
+        cold_s = (watcher.pretrained_at or t0 + first_order_s) - t0
         watcher.stop.set()
         watcher.join()
         version = api.project(project)["model_version"]
@@ -191,6 +206,8 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
         ).get("metrics", {})
         return {
             "code": code.name,
+            "workers": workers,
+            "first_order_s": round(first_order_s, 1),
             "cold_s": round(cold_s, 1),
             "lag": watcher.lag(),
             "settled_s": None if settled_s is None else round(settled_s, 1),
@@ -213,6 +230,8 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=0.9, help="seconds between two labels")
     parser.add_argument("--settle-timeout", type=float, default=900)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-from", choices=("first-order", "settled"), default="first-order",
+                        help="start labeling when the first order is live, or once idle")  # fmt: skip
     args = parser.parse_args()
     images, digits = mnist(args.tasks, args.seed)
     rows = run_checkouts(
@@ -222,15 +241,18 @@ def main() -> int:
     )
     print(
         f"\n{args.tasks} MNIST tasks (28 px), {args.labels} labels one every {args.pace:g} s as "
-        "'Label All Tasks' serves them; accuracy on every unlabeled task of the live version\n"
+        "'Label All Tasks' serves them, from the "
+        f"{'first order' if args.label_from == 'first-order' else 'settled project'} on; "
+        "accuracy on every unlabeled task of the live version\n"
     )
-    print("| code | cold start s | lag (labels a minute old not in the live model) | settled "
-          "s after last label | labels in live model | pre-annotation accuracy | 1-NN pixels | "
-          "logistic pixels | served |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| code | workers | first order s | own backbone live s | lag (labels a minute old "
+          "not in the live model) | settled s after last label | labels in live model | "
+          "pre-annotation accuracy | 1-NN pixels | logistic pixels | served |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        print(f"| {r['code']} | {r['cold_s']} | {r['lag']} | {r['settled_s']} | "
+        print(f"| {r['code']} | {r['workers']} | {r['first_order_s']} | {r['cold_s']} | "
+              f"{r['lag']} | {r['settled_s']} | "
               f"{r['labels_in_live']} | {acc} | {r['nn1']:.3f} | {r['logreg']:.3f} | "
               f"{r['served']} |")  # fmt: skip
     return 0

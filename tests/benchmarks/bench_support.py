@@ -21,9 +21,12 @@ from ml_backend.devtools.local_services import (  # noqa: E402
 
 
 @contextlib.contextmanager
-def checkout_backend(code: Path, ls: LabelStudioServer, work: Path, settings: dict):
+def checkout_backend(
+    code: Path, ls: LabelStudioServer, work: Path, settings: dict, workers: int = 1
+):
     """The backend of checkout ``code`` with its own Redis and ``MODEL_DIR`` under ``work``,
-    connected to ``ls``, with ``settings`` on top; stopped (both) on exit."""
+    connected to ``ls``, with ``settings`` on top, ``workers`` worker processes; stopped (all)
+    on exit."""
     redis = RedisProcess(work / "redis").start()
     env = {
         **settings,
@@ -32,7 +35,7 @@ def checkout_backend(code: Path, ls: LabelStudioServer, work: Path, settings: di
         "LABEL_STUDIO_API_KEY": ls.token,
         "MODEL_DIR": str(work / "models"),
     }
-    backend = BackendProcesses(env, work / "logs", code=code)
+    backend = BackendProcesses(env, work / "logs", code=code, workers=workers)
     try:
         backend.start()
         yield backend

@@ -19,7 +19,12 @@ import requests
 from PIL import Image
 
 from ml_backend.devtools.demo_project import LabelStudioAPI, image_name, import_images
-from ml_backend.devtools.local_services import BackendProcesses, LabelStudioServer, tail
+from ml_backend.devtools.local_services import (
+    BackendProcesses,
+    LabelStudioServer,
+    pretraining_busy,
+    tail,
+)
 
 N_IMAGES = 300
 N_UPLOADS = 30  # the rest are local files
@@ -90,7 +95,8 @@ class Stack:
         timeout_s=300,
         allow_failures: bool = False,
     ) -> dict:
-        """Wait until the project is idle and serves a version not in ``newer_than``.
+        """Wait until the project is idle (no training or pretraining job runs or waits) and
+        serves a version not in ``newer_than``.
 
         With ``labels``, the served version must also have been trained on that many labels
         (jobs started while annotations were still arriving saw fewer).
@@ -100,6 +106,8 @@ class Stack:
             assert self.backend.alive(), f"a backend process died\n{self.logs()}"
             status = self.status(project)
             if not status or status.get("state") != "idle" or status["queue"].get("waiting_job"):
+                return None
+            if pretraining_busy(status):  # a training job on the new backbone follows it
                 return None
             jobs = self.finished_jobs(project, allow_failures)
             version = status.get("model_version")

@@ -1,9 +1,9 @@
 """Faults with the real parts: Redis restarted mid-job, Label Studio stopped during a job.
 
 Each runs the backend as users do (``serve`` + ``worker``) against a real Label Studio 1.23.2,
-breaks one part while a job runs (during the self-supervised pretraining, the longest stage
-before a job's first push), and checks that nothing is lost: nothing is switched by a failed
-job, and a version trained on every label goes live without anyone doing anything. (A
+breaks one part while a job runs (during the self-supervised pretraining job, the longest one),
+and checks that nothing is lost: nothing is switched by a failed job, and a version trained on
+every label, on the new backbone, goes live without anyone doing anything. (A
 worker killed with SIGKILL mid-job is in ``tests/jobs/test_worker.py``; Label Studio capping its
 page size and a renamed ``<Choices>`` in ``tests/labelstudio/test_live_faults.py``.)
 """
@@ -30,17 +30,16 @@ FAST = {
     "JOB_RETRY_S": "5",
     "PRETRAIN_BUDGET_S": "5",
 }
-# Self-supervised pretraining runs for its whole budget before the job's first push: a stage
-# long enough to break something in the middle of it.
+# The pretraining job runs for its whole budget: long enough to break something in the middle.
 LONG_PRETRAINING = {"PRETRAIN_BUDGET_S": "25"}
 
 
-def wait_for_stage(stack, project: int, stage: str, timeout_s: float = 120) -> None:
+def wait_for_pretraining(stack, project: int, timeout_s: float = 120) -> None:
     def check():
-        status = stack.status(project) or {}
-        return status.get("state") == "running" and status["progress"].get("stage") == stage
+        pretraining = (stack.status(project) or {}).get("pretraining") or {}
+        return pretraining.get("state") == "running" and pretraining["progress"].get("epoch")
 
-    wait_for(check, f"the job to reach {stage!r}", timeout_s, stack.logs)
+    wait_for(check, "the pretraining job to run its first epoch", timeout_s, stack.logs)
 
 
 def test_redis_restarted_mid_job_loses_nothing(label_studio, ls_api, e2e_dir):
@@ -50,7 +49,7 @@ def test_redis_restarted_mid_job_loses_nothing(label_studio, ls_api, e2e_dir):
     try:
         with running_stack(label_studio, ls_api, env, e2e_dir / "logs-redis", "backend") as stack:
             project, truth = new_project(stack, "redis restart", n=60, uploads=0)
-            wait_for_stage(stack, project, "pretraining")  # the first job has read the labels
+            wait_for_pretraining(stack, project)  # after the cold start, which read the labels
             labeled = spread_labels(truth, 9)
             for task, label in labeled:  # labels the running job did not see: a follow-up is due
                 stack.api.annotate(task, label)
@@ -62,6 +61,12 @@ def test_redis_restarted_mid_job_loses_nothing(label_studio, ls_api, e2e_dir):
                 project, "the version trained on every label", set(), labels=10
             )
             assert stack.api.project(project)["model_version"] == final["model_version"]
+            assert final["pretraining"]["state"] == "done", final["pretraining"]
+            jobs = stack.finished_jobs(project)
+            served = next(j for j in jobs if j["model_version"] == final["model_version"])[
+                "metrics"
+            ]
+            assert served["backbone"] == final["pretraining"]["backbone"] == "b1", served
             assert stack.backend.alive(), "the worker and web app survive a Redis restart"
     finally:
         redis.stop()
@@ -89,8 +94,13 @@ def test_label_studio_down_during_a_job_retries_when_it_is_back(stoppable_ls, e2
     try:
         with running_stack(ls, api, env, e2e_dir / "logs-ls-down", "backend") as stack:
             project, _ = new_project(stack, "label studio down", n=60, uploads=0)
-            wait_for_stage(stack, project, "pretraining")
-            ls.stop()  # the push that follows the pretraining finds no Label Studio
+            cold = wait_for(  # the cold start goes live before the pretraining ends
+                lambda: (stack.status(project) or {}).get("model_version", "") or None,
+                "the cold start", 120, stack.logs,
+            )  # fmt: skip
+            cold = {"model_version": cold}
+            wait_for_pretraining(stack, project)
+            ls.stop()  # the job on the new backbone, asked for next, finds no Label Studio
 
             def failed():
                 last = (stack.status(project) or {}).get("last_job") or {}
@@ -98,15 +108,16 @@ def test_label_studio_down_during_a_job_retries_when_it_is_back(stoppable_ls, e2
 
             last = wait_for(failed, "the job to give up on Label Studio", 120, stack.logs)
             assert "LabelStudioUnavailable" in last["error"] and "retrying in" in last["error"]
-            assert not (stack.status(project) or {}).get("model_version")
+            assert last["reason"] == "backbone ready", last
+            assert (stack.status(project) or {}).get("model_version") == cold["model_version"]
             time.sleep(3)
             ls.start()
-            shown = api.project(project)["model_version"] or ""
-            assert not shown.startswith(("coldstart-", "resnet18-")), "a failed job switched it"
+            shown = api.project(project)["model_version"]
+            assert shown == cold["model_version"], "a failed job switched it"
             final = stack.wait_idle_version(
                 project,
                 "the retry once Label Studio is back",
-                set(),
+                {cold["model_version"]},
                 labels=0,
                 allow_failures=True,
             )

@@ -78,3 +78,50 @@ def label_studio_down(project_id, reason, *, settings, redis, status, snapshot=N
 
     redis.rpush(RAN_KEY, json.dumps({"project": project_id, "reason": reason}))
     raise LabelStudioUnavailable("Label Studio at http://ls is unavailable (ConnectionError)")
+
+
+# -- pretraining targets: the signature of ``pipeline.pretraining.pretrain_project`` ----------
+PRETRAINED_KEY = "test:pretrained"
+
+
+def pretrain_record(project_id, reason, *, settings, status, progress):
+    """Report an epoch and store a (pretend) backbone, as the real body does."""
+    import redis as redis_lib
+
+    progress(epoch=1, loss=4.2, seconds_left=0.0)
+    redis_lib.Redis.from_url(settings.redis_url).rpush(
+        PRETRAINED_KEY, json.dumps({"project": project_id, "reason": reason})
+    )
+    return {"outcome": "pretrained b1", "backbone": "b1", "epochs": 3, "seconds": 0.1}
+
+
+def pretrain_not_needed(project_id, reason, *, settings, status, progress):
+    return {"outcome": "not needed: the project's backbone is current"}
+
+
+def pretrain_hold(project_id, reason, *, settings, status, progress):
+    """Hold the pretraining open until the test sets ``test:release`` (at most 30 s)."""
+    import time
+
+    import redis as redis_lib
+
+    redis = redis_lib.Redis.from_url(settings.redis_url)
+    redis.rpush("test:holding", reason)
+    deadline = time.monotonic() + 30
+    while not redis.exists("test:release") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pretrain_record(project_id, reason, settings=settings, status=status, progress=progress)
+
+
+def pretrain_fail(project_id, reason, *, settings, status, progress):
+    raise RuntimeError("pretraining broke: Authorization: Token abcdef0123456789")
+
+
+def pretrain_label_studio_down(project_id, reason, *, settings, status, progress):
+    from ml_backend.errors import LabelStudioUnavailable
+
+    raise LabelStudioUnavailable("Label Studio at http://ls is unavailable (ConnectionError)")
+
+
+def pretrained(redis) -> list[dict]:
+    return [json.loads(r) for r in redis.lrange(PRETRAINED_KEY, 0, -1)]

@@ -487,3 +487,62 @@ def test_predict_all_writes_every_unlabeled_task_once_then_back_to_the_queue_dep
     assert every["metrics"]["all_tasks"] is True
     again = run(settings, client, cache, status)
     assert again["outcome"].startswith("unchanged") and again["model_version"] is None
+
+
+def test_with_a_queue_the_backbone_is_pretrained_by_a_job_of_its_own(
+    world, job_settings, redis_conn
+):
+    """A training job never waits for the pretraining: it asks for the pretraining job and
+    serves a head on the PRETRAINED weights; once that job has stored the backbone, the next
+    training job uses it, and nothing more is asked for."""
+    from rq import Queue
+
+    from ml_backend.pipeline.pretraining import pretrain_project
+
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    pretrain_queue = Queue(f"{job_settings.rq_queue}-pretrain", connection=redis_conn)
+
+    def train(reason="ANNOTATION_CREATED"):
+        return train_project(1, reason, settings=job_settings, status=status, client=client,
+                             image_cache=cache, redis=redis_conn)  # fmt: skip
+
+    first = train()
+    assert first["outcome"] == "trained" and first["metrics"]["backbone"].endswith(f"@{SIZE}")
+    assert "pretrain_s" not in first["metrics"]["timings"]  # not pretrained in this job
+    asked = [job.args[:2] for job in pretrain_queue.get_jobs()]
+    assert asked == [(1, "the project has no self-supervised backbone yet")]
+    assert status.project_status(1)["pretraining"]["state"] == "waiting"
+    tasks[40]["annotations"] = [choice(labels[40])]
+    assert train()["model_version"] == "resnet18-v2"
+    assert len(pretrain_queue.get_jobs()) == 1  # one waiting is enough
+    # The pretraining job's body: the pool from the task index the training job wrote.
+    epochs = []
+    done = pretrain_project(1, "no backbone", settings=job_settings, status=status,
+                            progress=lambda **f: epochs.append(f), client=client,
+                            image_cache=cache)  # fmt: skip
+    assert done["backbone"] == "b1" and done["images"] == 150 and done["image_size"] == SIZE
+    assert done["outcome"] == "pretrained b1" and any(f.get("epoch") for f in epochs)
+    ready = train("backbone ready")
+    assert ready["outcome"] == "trained" and ready["metrics"]["backbone"] == "b1"
+    assert len(pretrain_queue.get_jobs()) == 1  # current now: not asked for again
+    again = pretrain_project(1, "x", settings=job_settings, status=status, client=client,
+                             image_cache=cache)  # fmt: skip
+    assert again["outcome"].startswith("not needed")
+
+
+def test_the_pretraining_job_without_a_task_index_or_with_ssl_off_does_nothing(
+    world, job_settings, redis_conn
+):
+    from ml_backend.pipeline.pretraining import pretrain_project
+
+    tasks, _, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    out = pretrain_project(1, "x", settings=job_settings, status=status, client=client,
+                           image_cache=cache)  # fmt: skip
+    assert out["outcome"].startswith("not run: no training job has read")
+    off = job_settings.with_overrides(self_supervised=False)
+    out = pretrain_project(1, "x", settings=off, status=status, client=client, image_cache=cache)
+    assert out["outcome"].startswith("not run: SELF_SUPERVISED is off")

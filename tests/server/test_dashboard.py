@@ -134,7 +134,7 @@ def test_dashboard_shows_state_progress_history_and_queue(client, redis_conn):
     assert "the model is unsure about task 11 &lt;script&gt;x&lt;/script&gt;" in html
     assert "<script>x</script>" not in html
     signature = re.search(r'data-signature="([^"]*)"', html).group(1)
-    assert signature == "idle|resnet18-v2|j3|11,12"  # what dashboard.js recomputes
+    assert signature == "idle|resnet18-v2|j3|11,12|"  # what dashboard.js recomputes
 
 
 def test_dashboard_shows_a_running_job_live(client, redis_conn, settings):
@@ -151,6 +151,35 @@ def test_dashboard_shows_a_running_job_live(client, redis_conn, settings):
     body = client.get("/status?history=1").get_json()
     assert body["projects"]["5"]["progress"]["epoch"] == 2
     assert body["label_studio"]["state"] == "not configured"
+
+
+def test_dashboard_and_status_show_the_pretraining_job(client, redis_conn, settings):
+    from ml_backend.jobs.pretraining import PretrainMarker, redis_now
+
+    store, marker = StatusStore(redis_conn), PretrainMarker(redis_conn)
+    store.job_finished(6, "job-6", "cold start (no labels yet)", {}, "coldstart-1")
+    assert marker.start(6, "pretrain-6-a", 30) == "started"
+    store.pretraining_update(6, state="running", job_id="pretrain-6-a", reason="no backbone",
+                             started_at=redis_now(redis_conn))  # fmt: skip
+    store.pretraining_progress(6, epoch=3, loss=4.1, seconds_left=42.4)
+    html = client.get("/dashboard").get_data(as_text=True)
+    assert (
+        "Pretraining the project&#39;s own backbone (self-supervised): epoch 3, 42 s left" in html
+    )
+    status = client.get("/status/6").get_json()
+    assert status["state"] == "idle"  # no training job: labels are trained on at once
+    assert status["pretraining"]["state"] == "running"
+    assert status["pretraining"]["progress"]["epoch"] == 3
+    # Its worker killed: the lease runs out and /status says so until the reconciler acts.
+    redis_conn.set(marker.key(6), '{"job": "pretrain-6-a", "state": "running", "until": 1}')
+    stopped = client.get("/status/6").get_json()["pretraining"]
+    assert stopped["state"] == "stopped" and "reconciler" in stopped["error"]
+    assert "Last pretraining failed" in client.get("/dashboard").get_data(as_text=True)
+    marker.finish(6, "pretrain-6-a")
+    store.pretraining_update(6, state="done", backbone="b1", images=500, epochs=12, seconds=118.0,
+                             progress={})  # fmt: skip
+    html = client.get("/dashboard").get_data(as_text=True)
+    assert "Backbone b1 pretrained on 500 images (12 epochs, 118 s)." in html
 
 
 def test_dashboard_without_projects_and_status_history_bounds(client):

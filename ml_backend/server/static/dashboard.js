@@ -16,7 +16,9 @@ const FINE_TUNING = "fine-tuning the whole network (the head version is live mea
 function signature(p) {
   const last = (p.history && p.history.length) ? p.history[0].job_id : "";
   const top = (p.queue_top || []).map((t) => t.task_id).join(",");
-  return [p.state, p.model_version || "", last || "", top].join("|");
+  const pre = p.pretraining || {};
+  const epoch = (pre.progress || {}).epoch || "";
+  return [p.state, p.model_version || "", last || "", top, `${pre.state || ""}${epoch}`].join("|");
 }
 
 function progressWords(p) {

@@ -1,0 +1,318 @@
+"""Self-supervised pretraining as its own RQ job, beside the training jobs.
+
+A training job that finds no self-supervised backbone for its project (or one pretrained on a
+pool half the size) asks for one here and goes on at once with the backbone it has: the previous
+one, or the PRETRAINED weights. So the first queue, and the retrain after every label, go live in
+seconds while the pretraining runs; when it has stored the new backbone, it asks for a training
+job (reason ``backbone ready``) whose heads and order use it.
+
+Rules (per project): at most one pretraining job waits or runs. It goes to the RQ queue
+``<RQ_QUEUE>-pretrain``; every worker listens on it after the training queue, so a free worker
+takes a waiting training job first, and with two workers (``run`` starts ``RUN_WORKERS``, 2) one
+pretrains while the other trains.
+
+Faults, as for training jobs: a running pretraining holds a lease its heartbeat renews
+(``JOB_LEASE_S``). A killed one stops renewing; the next request (any training job of the project)
+or the reconciler finds the lapsed lease, records the failure and enqueues a new one. One that
+fails with an error is recorded and not asked for again for ``RETRY_AFTER_FAILURE_S`` (a broken
+pretraining does not loop; its project keeps training heads on the backbone it has), unless it
+failed because Label Studio was unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+
+from redis.exceptions import RedisError, WatchError
+from rq import Queue, get_current_job
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from ml_backend.config import Settings
+from ml_backend.errors import LabelStudioUnavailable
+from ml_backend.jobs.lease import Heartbeat
+from ml_backend.jobs.state import PREFIX, StatusStore, project_key
+from ml_backend.logs import redact
+
+log = logging.getLogger(__name__)
+
+# A pretraining that failed with an error (not Label Studio being down) is not asked for again
+# for this long.
+RETRY_AFTER_FAILURE_S = 600.0
+KILLED = "the worker running this pretraining stopped before it finished (killed, crashed or lost)"
+LOST = "this queued pretraining job was lost before it ran (the enqueue failed or the queue was flushed)"
+# RQ statuses of a job that has not run yet.
+NOT_STARTED = ("queued", "scheduled", "deferred")
+
+
+def queue_name(settings: Settings) -> str:
+    """The RQ queue pretraining jobs go to."""
+    return f"{settings.rq_queue}-pretrain"
+
+
+def new_job_id(project_id: int) -> str:
+    return f"pretrain-{int(project_id)}-{uuid.uuid4().hex[:12]}"
+
+
+def redis_now(redis) -> float:
+    seconds, micros = redis.time()  # one clock for every machine on this Redis
+    return seconds + micros / 1e6
+
+
+class PretrainMarker:
+    """``mlb:pretrain:<project>``: the project's waiting or running pretraining job, as JSON
+    ``{"job", "state": "waiting" | "running", "at", "until"}`` (``until``: the lease's end)."""
+
+    def __init__(self, redis):
+        self.redis = redis
+
+    def key(self, project_id) -> str:
+        return f"{PREFIX}pretrain:{project_key(project_id)}"
+
+    def read(self, project_id) -> dict | None:
+        raw = self.redis.get(self.key(project_id))
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def _update(self, project_id, change: Callable[[dict | None, float], tuple[dict | None, str]]):
+        """Apply ``change(current, now) -> (new value or None to delete, answer)`` atomically."""
+        key = self.key(project_id)
+        while True:
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    raw = pipe.get(key)
+                    try:
+                        current = json.loads(raw) if raw else None
+                    except ValueError:
+                        current = None
+                    new, answer = change(current, redis_now(self.redis))
+                    pipe.multi()
+                    if new is None:
+                        pipe.delete(key)
+                    else:
+                        pipe.set(key, json.dumps(new))
+                    pipe.execute()
+                    return answer, current
+                except WatchError:
+                    continue
+
+    def live(self, current: dict | None, now: float, lease_s: float) -> str | None:
+        """``"waiting"`` or ``"running"`` when ``current`` is a job that will still run or
+        finish, else None (no job, a lapsed lease, or a waiting job RQ no longer holds)."""
+        if not current:
+            return None
+        if current.get("state") == "running":
+            return "running" if float(current.get("until") or 0) > now else None
+        # Named a moment ago: its enqueue may not have reached RQ yet, or RQ started it and our
+        # wrapper is about to mark it running. Older than a lease, only RQ's word counts.
+        young = now - float(current.get("at") or 0) < lease_s
+        try:
+            rq_status = Job.fetch(current["job"], connection=self.redis).get_status()
+        except (NoSuchJobError, KeyError, ValueError):
+            rq_status = None
+        if rq_status in NOT_STARTED or (rq_status is None and young):
+            return "waiting"
+        return "running" if rq_status == "started" and young else None
+
+    def request(self, project_id, job_id: str, lease_s: float):
+        """Name ``job_id`` the project's pretraining unless a live one is there.
+
+        Returns ``(answer, previous)``: answer ``"enqueued"`` (enqueue ``job_id`` now),
+        ``"waiting"`` or ``"running"``; ``previous`` the marker it replaced (a dead job) or None.
+        """
+
+        def change(current, now):
+            state = self.live(current, now, lease_s)
+            if state:
+                return current, state
+            return {"job": job_id, "state": "waiting", "at": now}, "enqueued"
+
+        answer, previous = self._update(project_id, change)
+        return answer, previous if answer == "enqueued" else None
+
+    def start(self, project_id, job_id: str, lease_s: float) -> str:
+        """Mark ``job_id`` running (``"started"``), unless another job of the project is running
+        with a live lease (``"busy"``)."""
+
+        def change(current, now):
+            other = current and current.get("job") != job_id
+            if other and current.get("state") == "running" and float(current["until"]) > now:
+                return current, "busy"
+            return {"job": job_id, "state": "running", "at": now, "until": now + lease_s}, (
+                "started"
+            )
+
+        return self._update(project_id, change)[0]
+
+    def heartbeat(self, project_id, job_id: str, _queue: str, lease_s: float) -> str:
+        """Renew ``job_id``'s lease (``"ok"``); ``"lost"`` when the marker names another job."""
+
+        def change(current, now):
+            if current and current.get("job") != job_id:
+                return current, "lost"
+            return {"job": job_id, "state": "running", "at": (current or {}).get("at", now),
+                    "until": now + lease_s}, "ok"  # fmt: skip
+
+        return self._update(project_id, change)[0]
+
+    def finish(self, project_id, job_id: str) -> None:
+        """Clear the marker if it still names ``job_id``."""
+        self._update(
+            project_id,
+            lambda current, now: (
+                (None, "") if (current or {}).get("job") == job_id else (current, "")
+            ),
+        )
+
+
+def enqueue(redis, settings: Settings, project_id: int, reason: str, job_id: str, target=None):
+    Queue(queue_name(settings), connection=redis).enqueue(
+        run_pretraining_job,
+        project_id,
+        reason,
+        target,
+        job_id=job_id,
+        job_timeout=settings.job_timeout,
+        description=f"pretrain project {project_id} ({reason})",
+        result_ttl=24 * 3600,
+        failure_ttl=30 * 24 * 3600,
+    )
+    StatusStore(redis).pretraining_update(
+        project_id, state="waiting", job_id=job_id, reason=reason, queued_at=redis_now(redis)
+    )
+
+
+def request_pretraining(
+    redis, settings: Settings, project_id: int, reason: str, target: Callable | None = None
+) -> tuple[str, str | None]:
+    """Ask for a pretraining job for ``project_id`` unless one waits or runs.
+
+    Returns:
+        ``(answer, job_id)``: ``"enqueued"``, ``"waiting"`` or ``"running"`` with the job's id, or
+        ``"held back"`` with None when the last one failed less than ``RETRY_AFTER_FAILURE_S`` ago.
+
+    Raises:
+        redis.exceptions.RedisError: Redis is unreachable.
+    """
+    project_id = int(project_id)
+    status = StatusStore(redis)
+    last = status.pretraining(project_id)
+    since = redis_now(redis) - float(last.get("finished_at") or 0)
+    if last.get("state") == "failed" and not last.get("retry") and since < RETRY_AFTER_FAILURE_S:
+        return "held back", None
+    job_id = new_job_id(project_id)
+    marker = PretrainMarker(redis)
+    answer, dead = marker.request(project_id, job_id, settings.job_lease_s)
+    if dead:
+        _record_dead(status, project_id, dead)
+    if answer == "enqueued":
+        enqueue(redis, settings, project_id, reason, job_id, target)
+        log.info("project %s: pretraining job %s enqueued (%s)", project_id, job_id, reason)
+        return answer, job_id
+    return answer, (marker.read(project_id) or {}).get("job")
+
+
+def _record_dead(status: StatusStore, project_id: int, dead: dict) -> None:
+    why = KILLED if dead.get("state") == "running" else LOST
+    status.pretraining_update(
+        project_id, state="failed", job_id=dead.get("job"), error=why, retry=True,
+        finished_at=redis_now(status.redis), progress={},
+    )  # fmt: skip
+    log.warning("project %s: pretraining job %s: %s; starting over", project_id, dead.get("job"),
+                why)  # fmt: skip
+
+
+def reconcile(redis, settings: Settings, project_id: int) -> str | None:
+    """The reconciler's pass over one project (every ``RECONCILE_S``): replace a dead
+    pretraining job, or run again one that was interrupted or found Label Studio down, once
+    ``JOB_RETRY_S`` has passed. Returns the new job's id or None."""
+    from ml_backend.jobs.lease import _target_of
+
+    marker = PretrainMarker(redis)
+    current, now = marker.read(project_id), redis_now(redis)
+    if current is not None:
+        if marker.live(current, now, settings.job_lease_s):
+            return None
+        previous = current.get("job")
+    else:
+        last = StatusStore(redis).pretraining(project_id)
+        due = float(last.get("finished_at") or 0) + settings.job_retry_s
+        if not (last.get("state") == "failed" and last.get("retry") and now >= due):
+            return None
+        previous = last.get("job_id")
+    answer, job_id = request_pretraining(
+        redis,
+        settings,
+        project_id,
+        "recovery" if current else "retry",
+        _target_of(redis, previous) if previous else None,  # what the dead job ran
+    )
+    return job_id if answer == "enqueued" else None
+
+
+def _pretrain_target():
+    from ml_backend.pipeline.pretraining import pretrain_project  # torch: in the worker only
+
+    return pretrain_project
+
+
+def run_pretraining_job(project_id: int, reason: str, target: Callable | None = None):
+    """The RQ job: pretrain the project's backbone (``pipeline.pretraining.pretrain_project``
+    or ``target``), recorded under ``pretraining`` in the project's status; then ask for a
+    training job that uses the new backbone."""
+    from ml_backend.jobs import queue  # the training queue; imports this module
+
+    job = get_current_job()
+    redis, project_id = job.connection, int(project_id)
+    settings = queue.worker_settings()
+    status, marker = StatusStore(redis), PretrainMarker(redis)
+    if marker.start(project_id, job.id, settings.job_lease_s) == "busy":
+        log.warning("project %s: pretraining job %s not run: another one is running",
+                    project_id, job.id)  # fmt: skip
+        return {"outcome": "not run: another pretraining of this project was running"}
+    status.pretraining_update(project_id, state="running", job_id=job.id, reason=reason,
+                              started_at=redis_now(redis), progress={}, error=None, retry=None)  # fmt: skip
+    log.info("project %s: pretraining job %s started (%s)", project_id, job.id, reason)
+    heartbeat = Heartbeat(marker, project_id, job.id, queue_name(settings), settings.job_lease_s)
+    heartbeat.start()
+    try:
+        result = (target or _pretrain_target())(
+            project_id,
+            reason,
+            settings=settings,
+            status=status,
+            progress=lambda **fields: status.pretraining_progress(project_id, **fields),
+        )
+        result = dict(result or {"outcome": "done"})
+        if result.get("backbone"):  # before "done": the project never looks settled between
+            try:
+                queue.request_training(redis, settings, project_id, "backbone ready")
+            except RedisError as exc:
+                log.warning("project %s: training on the new backbone not asked for (Redis: %s); "
+                            "the next label's job uses it", project_id, type(exc).__name__)  # fmt: skip
+        status.pretraining_update(
+            project_id, state="done", finished_at=redis_now(redis), progress={}, **result
+        )
+        log.info("project %s: pretraining job %s finished: %s", project_id, job.id,
+                 result.get("outcome"))  # fmt: skip
+    except BaseException as exc:
+        error = redact(f"{type(exc).__name__}: {exc}")[:500]
+        interrupted = isinstance(exc, (SystemExit, KeyboardInterrupt))
+        if interrupted:
+            error = "interrupted: the worker was stopped during the pretraining; it runs again"
+        status.pretraining_update(
+            project_id, state="failed", finished_at=redis_now(redis), progress={}, error=error,
+            retry=interrupted or isinstance(exc, LabelStudioUnavailable),
+        )  # fmt: skip
+        log.error("project %s: pretraining job %s failed: %s", project_id, job.id, error)
+        raise
+    finally:
+        heartbeat.stop()
+        marker.finish(project_id, job.id)
+    return result

@@ -1,0 +1,162 @@
+"""The self-supervised pretraining job: the project's own backbone, from its pool of images.
+
+Runs as its own RQ job (``jobs.pretraining``), asked for by a training job that found no
+current backbone (``pretraining_due``). It reads the tasks from the task index the training job
+wrote (no listing of Label Studio), the pixels from the image cache (fetching what is missing),
+pretrains a SimCLR ResNet18 (``model.pretrain``) within ``PRETRAIN_BUDGET_S`` /
+``PRETRAIN_EPOCHS`` and stores it as ``MODEL_DIR/<project>/backbones/b<N>/``. A training job run
+without a queue (tests, the simulator) pretrains inline through the same ``pretrain_pool``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+
+from ml_backend.config import Settings
+from ml_backend.labelstudio.client import LabelStudioClient
+from ml_backend.labelstudio.images import ImageCache
+from ml_backend.model.backbones import BackboneStore
+from ml_backend.model.network import build_model, resolve_device
+from ml_backend.model.pretrain import pretrain_backbone
+from ml_backend.pipeline.pool import Pool, build_pool
+from ml_backend.pipeline.task_index import TaskIndex
+
+log = logging.getLogger(__name__)
+
+# The backbone is pretrained again when the pool has grown by this factor since the last time.
+PRETRAIN_AGAIN_AT = 1.5
+BACKBONES_KEPT = 2
+
+
+def pretraining_due(found, pool_size: int, image_size: int) -> str | None:
+    """Why the project needs a new backbone, or None when ``found`` (``BackboneStore.latest``'s
+    ``(name, state, meta)`` or None) is current for a pool of ``pool_size`` images."""
+    if found is None:
+        return "the project has no self-supervised backbone yet"
+    name, _, meta = found
+    if int(meta.get("image_size", 0)) != image_size:
+        return (
+            f"{name} was pretrained at {meta.get('image_size')} px, the project is at {image_size}"
+        )
+    was = max(1, int(meta.get("pool_size", 0)))
+    if pool_size >= PRETRAIN_AGAIN_AT * was:
+        return f"the pool grew from {was} to {pool_size} images since {name}"
+    return None
+
+
+def pretrain_pool(
+    settings: Settings,
+    project_id: int,
+    pool: Pool,
+    device,
+    progress: Callable[..., None] | None = None,
+) -> dict:
+    """Pretrain a backbone on ``pool``'s images and store it; returns ``{"backbone", "epochs",
+    "seconds", "loss", "images", "image_size"}``. Starts from the PRETRAINED weights when they
+    load (domain adaptation), else from the seeded random init."""
+    size = int(pool.images.shape[1])
+    initial, source = build_model(
+        len(pool.label_names), settings.pretrained, log=log, seed=settings.seed
+    )
+    t0 = time.monotonic()
+    log.info(
+        "project %s: self-supervised pretraining on %d images at %d px (budget %d s, from %s)",
+        project_id, len(pool.task_ids), size, settings.pretrain_budget_s, source,
+    )  # fmt: skip
+    report = progress or (lambda **_: None)
+    report(stage="pretraining", budget_s=settings.pretrain_budget_s)
+    images = pool.images
+    result = pretrain_backbone(
+        images.in_memory() if hasattr(images, "in_memory") else images,  # read once, not per epoch
+        budget_s=settings.pretrain_budget_s,
+        max_epochs=settings.pretrain_epochs,
+        batch_size=max(16, settings.batch_size),  # 64 beat 128 at the same budget (more steps)
+        seed=settings.seed,
+        device=device,
+        init_state=initial.state_dict()
+        if source == "imagenet" or source.startswith("file:")
+        else None,
+        progress=lambda info: report(
+            stage="pretraining", budget_s=settings.pretrain_budget_s, **info
+        ),
+        log=log,
+    )
+    store = BackboneStore(settings.model_dir)
+    name = store.save(
+        project_id,
+        result,
+        image_size=size,
+        pool_key=hashlib.sha256(pool.task_ids.astype("int64").tobytes()).hexdigest()[:16],
+        pool_size=len(pool.task_ids),
+    )
+    store.prune(project_id, keep=BACKBONES_KEPT)
+    log.info(
+        "project %s: backbone %s: %d epochs in %.0f s, final loss %.3f",
+        project_id,
+        name,
+        result.epochs,
+        result.seconds,
+        result.loss if result.loss is not None else float("nan"),
+    )
+    return {
+        "backbone": name,
+        "epochs": result.epochs,
+        "seconds": round(time.monotonic() - t0, 1),
+        "loss": result.loss,
+        "images": len(pool.task_ids),
+        "image_size": size,
+        "state_dict": result.state_dict,
+    }
+
+
+def pretrain_project(
+    project_id: int,
+    reason: str,
+    *,
+    settings: Settings,
+    status=None,
+    progress: Callable[..., None] | None = None,
+    client=None,
+    image_cache=None,
+) -> dict:
+    """The pretraining job's body for one project.
+
+    Args:
+        project_id: the Label Studio project id.
+        reason: why it was asked for (the training job's words).
+        settings: the deployment's settings (per-project knobs from the status store apply).
+        status: the StatusStore (knobs, the project's image size), or None.
+        progress: called with per-epoch fields (``epoch``, ``loss``, ``seconds_left``).
+        client, image_cache: injected in tests; built from ``settings`` otherwise.
+
+    Returns:
+        ``{"outcome", ...}``; with ``backbone`` (and ``epochs``, ``seconds``, ``loss``) when a
+        new backbone was stored.
+    """
+    from ml_backend.pipeline.training import effective_settings  # the same knobs as training
+
+    params = status.project_params(project_id) if status is not None else {}
+    settings = effective_settings(settings, params)
+    if not settings.self_supervised or settings.pretrain_budget_s <= 0:
+        return {"outcome": "not run: SELF_SUPERVISED is off or PRETRAIN_BUDGET_S is 0"}
+    state = TaskIndex(settings.model_dir, project_id).load()
+    size = settings.image_size or (status.image_size(project_id) if status is not None else None)
+    if state is None or not size:
+        return {"outcome": "not run: no training job has read the project's tasks yet"}
+    client = client or LabelStudioClient(settings)
+    spec = client.label_spec(project_id)
+    pool = build_pool(state["tasks"], spec, image_cache or ImageCache(settings, client, size),
+                      lazy=True)  # fmt: skip
+    if len(pool.task_ids) == 0:
+        return {"outcome": "not run: no task has a usable image"}
+    why = pretraining_due(BackboneStore(settings.model_dir).latest(project_id),
+                          len(pool.task_ids), int(pool.images.shape[1]))  # fmt: skip
+    if why is None:
+        return {"outcome": "not needed: the project's backbone is current"}
+    log.info("project %s: pretraining (%s): %s", project_id, reason, why)
+    done = pretrain_pool(settings, project_id, pool, resolve_device(settings.device), progress)
+    done.pop("state_dict")
+    return {"outcome": f"pretrained {done['backbone']}", "why": why, **done}
