@@ -33,6 +33,7 @@ from rq.job import Job
 
 from ml_backend.config import Settings
 from ml_backend.errors import LabelStudioUnavailable
+from ml_backend.jobs import queue
 from ml_backend.jobs.lease import Heartbeat
 from ml_backend.jobs.state import PREFIX, StatusStore, project_key
 from ml_backend.logs import redact
@@ -172,17 +173,8 @@ class PretrainMarker:
 
 
 def enqueue(redis, settings: Settings, project_id: int, reason: str, job_id: str, target=None):
-    Queue(queue_name(settings), connection=redis).enqueue(
-        run_pretraining_job,
-        project_id,
-        reason,
-        target,
-        job_id=job_id,
-        job_timeout=settings.job_timeout,
-        description=f"pretrain project {project_id} ({reason})",
-        result_ttl=24 * 3600,
-        failure_ttl=30 * 24 * 3600,
-    )
+    queue.put_on_rq(Queue(queue_name(settings), connection=redis), run_pretraining_job, settings,
+                    project_id, reason, job_id, target, "pretrain")  # fmt: skip
     StatusStore(redis).pretraining_update(
         project_id, state="waiting", job_id=job_id, reason=reason, queued_at=redis_now(redis)
     )
@@ -266,8 +258,6 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
     """The RQ job: pretrain the project's backbone (``pipeline.pretraining.pretrain_project``
     or ``target``), recorded under ``pretraining`` in the project's status; then ask for a
     training job that uses the new backbone."""
-    from ml_backend.jobs import queue  # the training queue; imports this module
-
     job = get_current_job()
     redis, project_id = job.connection, int(project_id)
     settings = queue.worker_settings()

@@ -52,21 +52,29 @@ def rq_queue(redis, settings: Settings) -> Queue:
     return Queue(settings.rq_queue, connection=redis)
 
 
-def enqueue(
-    redis, settings: Settings, project_id: int, reason: str, job_id: str, target=None
-) -> None:
-    """Put the job a marker already names on RQ (``target`` None: the training job)."""
-    rq_queue(redis, settings).enqueue(
-        run_training_job,
+def put_on_rq(queue: Queue, function, settings: Settings, project_id: int, reason: str,
+              job_id: str, target, what: str) -> None:  # fmt: skip
+    """Enqueue ``function(project_id, reason, target)`` as ``job_id``: ``JOB_TIMEOUT``, the
+    result kept a day, a failure (with its traceback) 30 days."""
+    queue.enqueue(
+        function,
         project_id,
         reason,
         target,
         job_id=job_id,
         job_timeout=settings.job_timeout,
-        description=f"train project {project_id} ({reason})",
+        description=f"{what} project {project_id} ({reason})",
         result_ttl=24 * 3600,
         failure_ttl=30 * 24 * 3600,
     )
+
+
+def enqueue(
+    redis, settings: Settings, project_id: int, reason: str, job_id: str, target=None
+) -> None:
+    """Put the job a marker already names on RQ (``target`` None: the training job)."""
+    put_on_rq(rq_queue(redis, settings), run_training_job, settings, project_id, reason, job_id,
+              target, "train")  # fmt: skip
     StatusStore(redis).job_queued(project_id, job_id, reason)
 
 

@@ -30,8 +30,9 @@ FAST = {
     "JOB_RETRY_S": "5",
     "PRETRAIN_BUDGET_S": "5",
 }
-# The pretraining job runs for its whole budget: long enough to break something in the middle.
-LONG_PRETRAINING = {"PRETRAIN_BUDGET_S": "25"}
+# The pretraining job runs for its whole budget (not stopped by PRETRAIN_EPOCHS): long enough to
+# break something in the middle.
+LONG_PRETRAINING = {"PRETRAIN_BUDGET_S": "25", "PRETRAIN_EPOCHS": "10000"}
 
 
 def wait_for_pretraining(stack, project: int, timeout_s: float = 120) -> None:
