@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from ml_backend.config import Settings, child_environment
+from ml_backend.config import Settings, child_environment, run_worker_count
 from ml_backend.errors import BackendError, ConfigError
 from ml_backend.logs import setup_logging
 
@@ -206,15 +206,16 @@ def _run(settings: Settings, args) -> int:
         env=env,
         preexec_fn=die_with_parent(signal.SIGTERM),  # noqa: PLW1509 (no threads yet)
     )  # fmt: skip
-    # RUN_WORKERS workers: with two, one pretrains a project's backbone while the other keeps
-    # training after each label (jobs.pretraining); only the first logs Label Studio's state.
+    # RUN_WORKERS workers (auto: 2 with a GPU, else 1): with two, one pretrains a project's
+    # backbone while the other keeps training after each label (jobs.pretraining); only the
+    # first logs Label Studio's state.
     workers = [
         subprocess.Popen(
             [*me, "worker", "--connection-log", "changes" if n == 0 else "none"],
             env=env,
             preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509
         )
-        for n in range(settings.run_workers)
+        for n in range(run_worker_count(settings))
     ]
     names = ["worker"] + [f"worker-{n + 1}" for n in range(1, len(workers))]
     children = {"web": web, **dict(zip(names, workers, strict=True))}

@@ -411,7 +411,7 @@ def _start_run(tmp_path, port: int) -> tuple[subprocess.Popen, str, dict[str, in
     """``run`` in a process group of its own; returns it, its banner and the printed pids."""
     process = subprocess.Popen(
         [sys.executable, "-m", "ml_backend", "run", "--port", str(port)],
-        env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=cli_env(tmp_path, RUN_WORKERS="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
     banner = _read_until(process.stdout, "label studio:")
@@ -419,7 +419,7 @@ def _start_run(tmp_path, port: int) -> tuple[subprocess.Popen, str, dict[str, in
         name: int(pid)
         for name, pid in re.findall(r"^(redis|web|worker(?:-\d+)?): .*?pid (\d+)", banner, re.M)
     }
-    # RUN_WORKERS=2: one worker can pretrain while the other trains
+    # RUN_WORKERS=2: one worker can pretrain while the other trains; both die with run
     assert set(pids) == {"redis", "web", "worker", "worker-2"}, banner
     _health(port)
     return process, banner, pids

@@ -177,3 +177,19 @@ def test_auto_and_on_off_settings():
         Settings.from_env({"SELF_SUPERVISED": "maybe"})
     with pytest.raises(ConfigError, match="IMAGE_SIZE must be auto or at least 32, got 8"):
         Settings.from_env({"IMAGE_SIZE": "8"})
+
+
+def test_run_workers_auto_is_two_with_a_gpu_and_one_on_a_cpu():
+    from ml_backend.config import run_worker_count
+
+    auto = Settings.from_env({})
+    assert auto.run_workers == 0
+    assert run_worker_count(auto, gpu_present=lambda: True) == 2
+    assert run_worker_count(auto, gpu_present=lambda: False) == 1
+    assert run_worker_count(auto.with_overrides(device="cpu"), gpu_present=lambda: True) == 1
+    assert run_worker_count(auto.with_overrides(device="cuda:1"), gpu_present=lambda: False) == 2
+    assert run_worker_count(Settings.from_env({"RUN_WORKERS": "3"})) == 3
+    with pytest.raises(ConfigError, match="RUN_WORKERS"):
+        Settings.from_env({"RUN_WORKERS": "0"})
+    with pytest.raises(ConfigError, match="RUN_WORKERS"):
+        Settings.from_env({"RUN_WORKERS": "many"})

@@ -257,8 +257,8 @@ class BackendProcesses:
         port: the web port (a free one when None).
         code: the checkout whose ``ml_backend`` runs (this one by default; benchmarks pass an
             older checkout to compare).
-        workers: how many ``worker`` processes (``run`` starts ``RUN_WORKERS``, 2: one can
-            pretrain while another trains); their logs are ``worker.log``, ``worker-2.log``, ...
+        workers: how many ``worker`` processes (with two, one can pretrain while another
+            trains: ``RUN_WORKERS``); their logs are ``worker.log``, ``worker-2.log``, ...
     """
 
     def __init__(

@@ -8,8 +8,9 @@ job (reason ``backbone ready``) whose heads and order use it.
 
 Rules (per project): at most one pretraining job waits or runs. It goes to the RQ queue
 ``<RQ_QUEUE>-pretrain``; every worker listens on it after the training queue, so a free worker
-takes a waiting training job first, and with two workers (``run`` starts ``RUN_WORKERS``, 2) one
-pretrains while the other trains.
+takes a waiting training job first. With one worker (what ``run`` starts on a CPU) the
+pretraining runs in the first pause of labeling, with every core; with two (``RUN_WORKERS``;
+``run``'s default with a GPU) one pretrains while the other trains.
 
 Faults, as for training jobs: a running pretraining holds a lease its heartbeat renews
 (``JOB_LEASE_S``). A killed one stops renewing; the next request (any training job of the project)

@@ -7,10 +7,12 @@ classes), imported as local files. For each checkout (this one, and ``--compare 
 ``DEVICE=cpu``) and its own project with the same images. After the cold start, ``--labels``
 annotations are submitted at a fixed pace as "Label All Tasks" serves them (``/next/``, then the
 true label through the API). Every second the bench records which version Label Studio serves and
-how many labels it was trained on. Annotators start as soon as the first order is live
-(``--label-from first-order``, as users do) or once the project is idle (``settled``: the
-backbone pretrained and in use). This checkout runs with two workers, as ``run`` starts it
-(``RUN_WORKERS``); a ``--compare`` checkout with one (what its ``run`` started). It reports:
+how many labels it was trained on. Annotators start right after the import (``--label-from
+import``: Label Studio's own order until the backend's is live), as soon as the first order is
+live (``first-order``, the default) or once the project is idle (``settled``: the backbone
+pretrained and in use). This checkout runs with ``--workers`` worker processes (2, as ``run``
+starts it; ``2,1`` runs it once with each); a ``--compare`` checkout with one (what its ``run``
+started). It reports:
 
 - the first order: from the import to the first order live in Label Studio;
 - the backbone: from the import until a version on the project's own backbone is live (the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -41,9 +44,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench_support import checkout_backend, run_checkouts  # noqa: E402
+from bench_support import checkout_backend  # noqa: E402
 
 from ml_backend.devtools.demo_project import LabelStudioAPI  # noqa: E402
+from ml_backend.devtools.local_services import LabelStudioServer  # noqa: E402
 
 CLASSES = [str(d) for d in range(10)]
 CONFIG = (
@@ -98,6 +102,7 @@ class Watcher(threading.Thread):
         self.samples: list[tuple[float, int, int]] = []
         self.trained_on: dict[str, int] = {}
         self.pretrained_at: float | None = None  # the pretraining job's end (this code only)
+        self.first_order_at: float | None = None  # the first version live in Label Studio
         self.stop = threading.Event()
 
     def run(self):
@@ -116,7 +121,10 @@ class Watcher(threading.Thread):
             if self.pretrained_at is None and pre.get("state") == "done":
                 self.pretrained_at = time.monotonic()
             have = self.trained_on.get(live)
-            if have is None and live and live.startswith("coldstart-"):
+            if live and live.startswith("coldstart-"):
+                have = 0
+                self.first_order_at = self.first_order_at or time.monotonic()
+            if self.first_order_at is None:  # no order of the backend live yet: no model
                 have = 0
             if live and have is not None:  # a version just switched, its job not yet recorded: skip
                 self.samples.append((time.monotonic(), self.submitted, have))
@@ -145,20 +153,18 @@ def baselines(pixels: dict[int, np.ndarray], truth, labeled: set[int], tasks: li
     return float(np.mean(nn1 == yt)), float(np.mean(logreg == yt))
 
 
-def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
-    workers = 2 if code == ROOT else 1
+def run_one(code: Path, ls, api, args, work: Path, images, digits, workers: int) -> dict:
     settings = {**SETTINGS, "QUEUE_DEPTH": str(args.tasks)}
     with checkout_backend(code, ls, work, settings, workers=workers) as backend:
-        project = api.create_project(f"live model {code.name}", label_config=CONFIG)
+        project = api.create_project(f"live model {code.name} x{workers}", label_config=CONFIG)
         api.connect_backend(project, backend.url)
         api.update_project(project, start_training_on_annotation_update=True)
         t0 = time.monotonic()
         truth = import_mnist(api, project, ls.document_root, images, digits)
         watcher = Watcher(backend, api, project)
         watcher.start()
-        while not (api.project(project).get("model_version") or "").startswith("coldstart-"):
+        while args.label_from != "import" and watcher.first_order_at is None:
             time.sleep(0.5)
-        first_order_s = time.monotonic() - t0
         if args.label_from == "settled":
             backend.wait_idle(project)
         pixels = {}
@@ -168,7 +174,8 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
         labeled: set[int] = set()
         for _ in range(args.labels):
             task = None
-            for _attempt in range(30):
+            # before any order is live Label Studio serves nothing: its default order (by id)
+            for _attempt in range(30 if watcher.first_order_at else 1):
                 try:
                     task = api.next_task(project)["id"]
                     break
@@ -188,7 +195,8 @@ def run_one(code: Path, ls, api, args, work: Path, images, digits) -> dict:
                 break
             time.sleep(1.0)
         final = backend.wait_idle(project)
-        cold_s = (watcher.pretrained_at or t0 + first_order_s) - t0
+        first_order_s = watcher.first_order_at - t0
+        cold_s = (watcher.pretrained_at or watcher.first_order_at) - t0
         watcher.stop.set()
         watcher.join()
         version = api.project(project)["model_version"]
@@ -230,19 +238,26 @@ def main() -> int:
     parser.add_argument("--pace", type=float, default=0.9, help="seconds between two labels")
     parser.add_argument("--settle-timeout", type=float, default=900)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label-from", choices=("first-order", "settled"), default="first-order",
-                        help="start labeling when the first order is live, or once idle")  # fmt: skip
+    parser.add_argument("--label-from", choices=("import", "first-order", "settled"),
+                        default="first-order", help="start labeling right after the import, "
+                        "when the first order is live, or once the project is idle")  # fmt: skip
+    parser.add_argument("--workers", default="2",
+                        help="worker processes for this checkout; a list (2,1) runs it once per "
+                        "value; a --compare checkout gets 1 (what its run started)")  # fmt: skip
     args = parser.parse_args()
     images, digits = mnist(args.tasks, args.seed)
-    rows = run_checkouts(
-        args.compare,
-        "bench-live-model-",
-        lambda code, ls, api, work: run_one(code, ls, api, args, work, images, digits),
-    )
+    runs = [(ROOT, int(w)) for w in args.workers.split(",")]
+    runs += [(args.compare.resolve(), 1)] if args.compare else []
+    work, rows = Path(tempfile.mkdtemp(prefix="bench-live-model-")), []
+    with LabelStudioServer(work / "label-studio") as ls:
+        api = LabelStudioAPI(ls.url, ls.token)
+        for i, (code, workers) in enumerate(runs):
+            rows.append(run_one(code, ls, api, args, work / f"run-{i}", images, digits, workers))
+            print(rows[-1], flush=True)
     print(
         f"\n{args.tasks} MNIST tasks (28 px), {args.labels} labels one every {args.pace:g} s as "
         "'Label All Tasks' serves them, from the "
-        f"{'first order' if args.label_from == 'first-order' else 'settled project'} on; "
+        f"{args.label_from.replace('-', ' ')} on; "
         "accuracy on every unlabeled task of the live version\n"
     )
     print("| code | workers | first order s | own backbone live s | lag (labels a minute old "
