@@ -14,7 +14,8 @@ pretraining runs in the first pause of labeling, with every core; with two (``RU
 
 Faults, as for training jobs: a running pretraining holds a lease its heartbeat renews
 (``JOB_LEASE_S``). A killed one stops renewing; the next request (any training job of the project)
-or the reconciler finds the lapsed lease, records the failure and enqueues a new one. One that
+or the reconciler finds the lapsed lease, records the failure and enqueues a new one (after
+``MAX_KILLS`` in a row it is held back instead). One that
 fails with an error is recorded and not asked for again for ``RETRY_AFTER_FAILURE_S`` (a broken
 pretraining does not loop; its project keeps training heads on the backbone it has), unless it
 failed because Label Studio was unreachable.
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 RETRY_AFTER_FAILURE_S = 600.0
 KILLED = "the worker running this pretraining stopped before it finished (killed, crashed or lost)"
 LOST = "this queued pretraining job was lost before it ran (the enqueue failed or the queue was flushed)"
+# A pretraining that killed its worker this many times in a row (out of memory, say) is held
+# back like one that failed with an error: a worker that also runs the retrains is not killed
+# again and again.
+MAX_KILLS = 3
 # RQ statuses of a job that has not run yet.
 NOT_STARTED = ("queued", "scheduled", "deferred")
 
@@ -202,8 +207,18 @@ def request_pretraining(
     job_id = new_job_id(project_id)
     marker = PretrainMarker(redis)
     answer, dead = marker.request(project_id, job_id, settings.job_lease_s)
-    if dead:
-        _record_dead(status, project_id, dead)
+    if dead and _record_dead(status, project_id, dead) >= MAX_KILLS:
+        marker.finish(project_id, job_id)  # not enqueued: the next request after the hold-back
+        kills = status.pretraining(project_id).get("kills")
+        status.pretraining_update(
+            project_id, retry=False,
+            error=f"{KILLED}, {kills} times in a row; not run again for "
+                  f"{RETRY_AFTER_FAILURE_S / 60:.0f} minutes (out of memory? a smaller "
+                  "BATCH_SIZE or PRETRAIN_BUDGET_S=0)",
+        )  # fmt: skip
+        log.error("project %s: pretraining killed its worker %s times in a row; held back",
+                  project_id, kills)  # fmt: skip
+        return "held back", None
     if answer == "enqueued":
         enqueue(redis, settings, project_id, reason, job_id, target)
         log.info("project %s: pretraining job %s enqueued (%s)", project_id, job_id, reason)
@@ -211,14 +226,17 @@ def request_pretraining(
     return answer, (marker.read(project_id) or {}).get("job")
 
 
-def _record_dead(status: StatusStore, project_id: int, dead: dict) -> None:
-    why = KILLED if dead.get("state") == "running" else LOST
+def _record_dead(status: StatusStore, project_id: int, dead: dict) -> int:
+    """Record a dead pretraining job; returns how many in a row were killed while running."""
+    killed = dead.get("state") == "running"
+    kills = int(status.pretraining(project_id).get("kills") or 0) + 1 if killed else 0
     status.pretraining_update(
-        project_id, state="failed", job_id=dead.get("job"), error=why, retry=True,
-        finished_at=redis_now(status.redis), progress={},
+        project_id, state="failed", job_id=dead.get("job"), error=KILLED if killed else LOST,
+        retry=True, finished_at=redis_now(status.redis), progress={}, kills=kills or None,
     )  # fmt: skip
     log.warning("project %s: pretraining job %s: %s; starting over", project_id, dead.get("job"),
-                why)  # fmt: skip
+                KILLED if killed else LOST)  # fmt: skip
+    return kills
 
 
 def reconcile(redis, settings: Settings, project_id: int) -> str | None:
@@ -288,8 +306,9 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
                 log.warning("project %s: training on the new backbone not asked for (Redis: %s); "
                             "the next label's job uses it", project_id, type(exc).__name__)  # fmt: skip
         status.pretraining_update(
-            project_id, state="done", finished_at=redis_now(redis), progress={}, **result
-        )
+            project_id, state="done", finished_at=redis_now(redis), progress={}, kills=None,
+            **result,
+        )  # fmt: skip
         log.info("project %s: pretraining job %s finished: %s", project_id, job.id,
                  result.get("outcome"))  # fmt: skip
     except BaseException as exc:

@@ -183,3 +183,30 @@ def test_concurrent_requests_enqueue_exactly_one(redis_conn, settings):
     for thread in threads:
         thread.join()
     assert answers.count("enqueued") == 1 and len(pretrain_jobs(redis_conn, settings)) == 1
+
+
+def test_a_pretraining_that_keeps_killing_its_worker_is_held_back(redis_conn, settings):
+    marker, status = p.PretrainMarker(redis_conn), StatusStore(redis_conn)
+
+    def killed_mid_run():
+        now = p.redis_now(redis_conn)
+        job = (marker.read(12) or {}).get("job", "pretrain-12-first")
+        dead = {"job": job, "state": "running", "at": now - 60, "until": now - 1}
+        redis_conn.set(marker.key(12), json.dumps(dead))
+        return p.request_pretraining(redis_conn, settings, 12, "no backbone")
+
+    assert killed_mid_run()[0] == "enqueued" and status.pretraining(12)["state"] == "waiting"
+    assert killed_mid_run()[0] == "enqueued"
+    assert killed_mid_run() == ("held back", None)  # the third kill in a row
+    record = status.pretraining(12)
+    assert record["state"] == "failed" and record["kills"] == 3 and record["retry"] is False
+    assert "3 times in a row" in record["error"] and marker.read(12) is None
+    assert p.request_pretraining(redis_conn, settings, 12, "no backbone") == ("held back", None)
+    assert Reconciler(redis_conn, settings).run_once() == []  # no loop through the reconciler
+    # A pretraining that completes resets the count.
+    status.pretraining_update(12, finished_at=p.redis_now(redis_conn) - p.RETRY_AFTER_FAILURE_S)
+    assert p.request_pretraining(redis_conn, settings, 12, "x", fixtures.pretrain_record)[0] == (
+        "enqueued"
+    )
+    work_pretraining(redis_conn, settings)
+    assert status.pretraining(12)["state"] == "done" and "kills" not in status.pretraining(12)
