@@ -207,9 +207,9 @@ def request_pretraining(
     job_id = new_job_id(project_id)
     marker = PretrainMarker(redis)
     answer, dead = marker.request(project_id, job_id, settings.job_lease_s)
-    if dead and _record_dead(status, project_id, dead) >= MAX_KILLS:
+    kills = _record_dead(status, project_id, dead) if dead else 0
+    if kills >= MAX_KILLS:
         marker.finish(project_id, job_id)  # not enqueued: the next request after the hold-back
-        kills = status.pretraining(project_id).get("kills")
         status.pretraining_update(
             project_id, retry=False,
             error=f"{KILLED}, {kills} times in a row; not run again for "

@@ -8,8 +8,8 @@ predict, store) and ``selection`` (ranking). One run:
    (the pool reads cached ones only when a step needs their pixels: ``CachedImages``);
 2. the project's self-supervised backbone; when there is none yet, or the pool grew by half, a
    pretraining job of its own is asked for and this job goes on with the backbone it has
-   (``pipeline.pretraining``); the pool's embeddings under it and under the PRETRAINED weights come from
-   the embedding cache, so only new images are embedded (``model.embeddings``);
+   (``pipeline.pretraining``); the pool's embeddings under it and under the PRETRAINED weights
+   come from the embedding cache, so only new images are embedded (``model.embeddings``);
 3. with at least two labeled classes: the served model (``model.recipe``: a head on frozen
    embeddings, with pseudo-labels or fine-tuned when cross-validation prefers it), no retrain
    when the labeled set and the training knobs are those of the previous version; otherwise:
@@ -39,7 +39,6 @@ from redis.exceptions import RedisError
 
 from ml_backend.config import PARAM_RULES, Settings
 from ml_backend.errors import BackendError
-from ml_backend.jobs.pretraining import RETRY_AFTER_FAILURE_S
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
 from ml_backend.model.backbones import BackboneStore
@@ -357,7 +356,7 @@ def _backbone(run: _Run, pool: Pool) -> tuple[str, dict, str, dict | None]:
 
 def _ask_for_pretraining(run: _Run, why: str) -> None:
     """Ask for the project's pretraining job (``jobs.pretraining``); never fails the job."""
-    from ml_backend.jobs.pretraining import request_pretraining
+    from ml_backend.jobs.pretraining import RETRY_AFTER_FAILURE_S, request_pretraining
 
     try:
         answer, job_id = request_pretraining(run.redis, run.settings, run.project_id, why)
