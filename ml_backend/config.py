@@ -70,6 +70,14 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "200",
         "Most epochs of one self-supervised pretraining (it stops earlier at PRETRAIN_BUDGET_S).",
     ),
+    "PRETRAIN_SLICE_S": (
+        "30",
+        "A pretraining runs in slices of this many seconds: after each it saves its state, "
+        "workers take the next waiting training job and the next slice in turn, and the next "
+        "slice goes on from the saved state (a killed worker loses one slice). So retrains "
+        "wait at most a slice while a pretraining runs, and the pretraining is not held up by "
+        "continuous labeling. 0: one job runs the whole budget, after every waiting retrain.",
+    ),
     "PSEUDO_LABELS": (
         "on",
         "on: the head may also learn from confident predictions on unlabeled images, when "
@@ -199,6 +207,7 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "IMAGE_SIZE": (32, 1024),  # or 0: auto
     "PRETRAIN_BUDGET_S": (0, 86_400),
     "PRETRAIN_EPOCHS": (1, 10_000),
+    "PRETRAIN_SLICE_S": (0, 86_400),
     "FINETUNE_MIN_LABELS": (2, 10_000_000),
     "EPOCHS": (0, 200),
     "BATCH_SIZE": (1, 4096),
@@ -390,6 +399,7 @@ class Settings:
     self_supervised: bool = True
     pretrain_budget_s: int = 120
     pretrain_epochs: int = 200
+    pretrain_slice_s: int = 30
     pseudo_labels: bool = True
     finetune_min_labels: int = 200
     epochs: int = 0
@@ -456,6 +466,7 @@ class Settings:
             self_supervised=_on_off("SELF_SUPERVISED", get("SELF_SUPERVISED")),
             pretrain_budget_s=_int("PRETRAIN_BUDGET_S", get("PRETRAIN_BUDGET_S"), minimum=0),
             pretrain_epochs=_int("PRETRAIN_EPOCHS", get("PRETRAIN_EPOCHS"), minimum=1),
+            pretrain_slice_s=_int("PRETRAIN_SLICE_S", get("PRETRAIN_SLICE_S"), minimum=0),
             pseudo_labels=_on_off("PSEUDO_LABELS", get("PSEUDO_LABELS")),
             finetune_min_labels=_int("FINETUNE_MIN_LABELS", get("FINETUNE_MIN_LABELS"), minimum=2),
             epochs=_int("EPOCHS", get("EPOCHS"), minimum=0),

@@ -7,10 +7,14 @@ seconds while the pretraining runs; when it has stored the new backbone, it asks
 job (reason ``backbone ready``) whose heads and order use it.
 
 Rules (per project): at most one pretraining job waits or runs. It goes to the RQ queue
-``<RQ_QUEUE>-pretrain``; every worker listens on it after the training queue, so a free worker
-takes a waiting training job first. With one worker (what ``run`` starts on a CPU) the
-pretraining runs in the first pause of labeling, with every core; with two (``RUN_WORKERS``;
-``run``'s default with a GPU) one pretrains while the other trains.
+``<RQ_QUEUE>-pretrain``; every worker listens on it and on the training queue. A pretraining
+runs in slices of ``PRETRAIN_SLICE_S``: each job trains one slice, saves a checkpoint and hands
+the project's marker to the next slice's job, which it enqueues. Workers take the queues in turn
+(RQ's round-robin dequeue), so with one worker (what ``run`` starts on a CPU) a waiting retrain
+runs between two slices: retrains wait at most a slice, and continuous labeling does not hold
+the pretraining up. With two (``RUN_WORKERS``; ``run``'s default with a GPU) one pretrains while
+the other trains. ``PRETRAIN_SLICE_S=0``: one job runs the whole budget, and workers take
+waiting training jobs first (the pretraining runs in the first pause of labeling).
 
 Faults, as for training jobs: a running pretraining holds a lease its heartbeat renews
 (``JOB_LEASE_S``). A killed one stops renewing; the next request (any training job of the project)
@@ -18,7 +22,8 @@ or the reconciler finds the lapsed lease, records the failure and enqueues a new
 ``MAX_KILLS`` in a row it is held back instead). One that
 fails with an error is recorded and not asked for again for ``RETRY_AFTER_FAILURE_S`` (a broken
 pretraining does not loop; its project keeps training heads on the backbone it has), unless it
-failed because Label Studio was unreachable.
+failed because Label Studio was unreachable. The job after a killed, interrupted or
+Label-Studio-down slice goes on from the last checkpoint; one after an error starts over.
 """
 
 from __future__ import annotations
@@ -168,6 +173,17 @@ class PretrainMarker:
 
         return self._update(project_id, change)[0]
 
+    def hand_over(self, project_id, job_id: str, next_id: str) -> bool:
+        """Name ``next_id`` (the next slice, waiting) in place of running ``job_id``; False when
+        the marker names another job (this one's lease was taken over)."""
+
+        def change(current, now):
+            if (current or {}).get("job") != job_id:
+                return current, False
+            return {"job": next_id, "state": "waiting", "at": now}, True
+
+        return self._update(project_id, change)[0]
+
     def finish(self, project_id, job_id: str) -> None:
         """Clear the marker if it still names ``job_id``."""
         self._update(
@@ -267,6 +283,24 @@ def reconcile(redis, settings: Settings, project_id: int) -> str | None:
     return job_id if answer == "enqueued" else None
 
 
+def _next_slice(redis, settings, project_id, reason, job_id, target, result) -> None:
+    """After a slice: name and enqueue the next one (it goes on from the checkpoint); a worker
+    takes the waiting training jobs first (round robin). When Redis fails here, the marker
+    names a job RQ never got, and the reconciler replaces it after a lease."""
+    next_id = new_job_id(project_id)
+    status = StatusStore(redis)
+    slices = int(status.pretraining(project_id).get("slices") or 0) + 1
+    status.pretraining_update(project_id, slices=slices, kills=None,
+                              outcome=result.get("outcome"))  # fmt: skip
+    if not PretrainMarker(redis).hand_over(project_id, job_id, next_id):
+        log.warning("project %s: pretraining job %s lost its lease; no next slice from it",
+                    project_id, job_id)  # fmt: skip
+        return
+    enqueue(redis, settings, project_id, reason, next_id, target)
+    log.info("project %s: pretraining slice %d done (%s); next slice %s enqueued", project_id,
+             slices, result.get("outcome"), next_id)  # fmt: skip
+
+
 def _pretrain_target():
     from ml_backend.pipeline.pretraining import pretrain_project  # torch: in the worker only
 
@@ -285,8 +319,10 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
         log.warning("project %s: pretraining job %s not run: another one is running",
                     project_id, job.id)  # fmt: skip
         return {"outcome": "not run: another pretraining of this project was running"}
+    going_on = status.pretraining(project_id).get("slices")  # the last slice's progress stays
     status.pretraining_update(project_id, state="running", job_id=job.id, reason=reason,
-                              started_at=redis_now(redis), progress={}, error=None, retry=None)  # fmt: skip
+                              started_at=redis_now(redis), error=None, retry=None,
+                              **({} if going_on else {"progress": {}}))  # fmt: skip
     log.info("project %s: pretraining job %s started (%s)", project_id, job.id, reason)
     heartbeat = Heartbeat(marker, project_id, job.id, queue_name(settings), settings.job_lease_s)
     heartbeat.start()
@@ -299,6 +335,9 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
             progress=lambda **fields: status.pretraining_progress(project_id, **fields),
         )
         result = dict(result or {"outcome": "done"})
+        if result.pop("continue", False):
+            _next_slice(redis, settings, project_id, reason, job.id, target, result)
+            return result
         if result.get("backbone"):  # before "done": the project never looks settled between
             try:
                 queue.request_training(redis, settings, project_id, "backbone ready")
@@ -307,7 +346,7 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
                             "the next label's job uses it", project_id, type(exc).__name__)  # fmt: skip
         status.pretraining_update(
             project_id, state="done", finished_at=redis_now(redis), progress={}, kills=None,
-            **result,
+            slices=None, **result,
         )  # fmt: skip
         log.info("project %s: pretraining job %s finished: %s", project_id, job.id,
                  result.get("outcome"))  # fmt: skip
@@ -316,9 +355,10 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
         interrupted = isinstance(exc, (SystemExit, KeyboardInterrupt))
         if interrupted:
             error = "interrupted: the worker was stopped during the pretraining; it runs again"
+        retry = interrupted or isinstance(exc, LabelStudioUnavailable)
         status.pretraining_update(
             project_id, state="failed", finished_at=redis_now(redis), progress={}, error=error,
-            retry=interrupted or isinstance(exc, LabelStudioUnavailable),
+            retry=retry, **({} if retry else {"slices": None}),  # a retry goes on from its slice
         )  # fmt: skip
         log.error("project %s: pretraining job %s failed: %s", project_id, job.id, error)
         raise

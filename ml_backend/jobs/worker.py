@@ -14,6 +14,7 @@ import uuid
 
 from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.worker import DequeueStrategy
 
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError
@@ -23,10 +24,18 @@ from ml_backend.jobs.lease import Reconciler
 log = logging.getLogger(__name__)
 
 
+def dequeue_strategy(settings: Settings) -> str:
+    """``round_robin`` when pretrainings run in slices (``PRETRAIN_SLICE_S``): a worker takes
+    the training queue and the pretraining queue in turn, so a waiting retrain runs after at
+    most one slice and a slice after at most one retrain. ``default`` otherwise: the first
+    queue with a job, so a waiting training job (seconds) always runs before a whole
+    pretraining (minutes)."""
+    return "round_robin" if settings.pretrain_slice_s > 0 else "default"
+
+
 def build_worker(settings: Settings, redis: Redis) -> SimpleWorker:
-    """A ``SimpleWorker`` (no fork per job) listening on ``settings.rq_queue`` and then on the
-    pretraining queue (``jobs.pretraining``): RQ takes the first queue with a job, so a free
-    worker runs a waiting training job (seconds) before a pretraining (minutes)."""
+    """A ``SimpleWorker`` (no fork per job) listening on ``settings.rq_queue`` and on the
+    pretraining queue (``jobs.pretraining``), in that order (see ``dequeue_strategy``)."""
     queue.use_settings(settings)
     name = f"ml-backend-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     queues = [
@@ -49,11 +58,15 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         raise ConfigError("REDIS_URL is required for the worker (e.g. redis://localhost:6379/0)")
     redis = Redis.from_url(settings.redis_url)
     worker = build_worker(settings, redis)
-    log.info("worker %s listening on queues %s", worker.name, ", ".join(worker.queue_names()))
+    log.info("worker %s listening on queues %s (%s)", worker.name,
+             ", ".join(worker.queue_names()), dequeue_strategy(settings))  # fmt: skip
     # Jobs of killed workers (here or on other machines) are recorded and retried from here.
     reconciler = Reconciler(redis, settings).start()
     try:
-        worked = worker.work(burst=burst, logging_level=settings.log_level)
+        worked = worker.work(
+            burst=burst, logging_level=settings.log_level,
+            dequeue_strategy=DequeueStrategy(dequeue_strategy(settings)),
+        )  # fmt: skip
     finally:
         reconciler.stop()
     log.info("worker %s stopped", worker.name)

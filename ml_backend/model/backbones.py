@@ -3,6 +3,9 @@
 Written like ``storage.ModelStore`` versions: into a temporary folder (name starting with a dot)
 that is fsynced and renamed into place, so a backbone appears whole or not at all. Numbers only
 grow. A served model version is trained from one of these, never from another served version.
+
+A pretraining that runs in slices keeps its state between them in ``backbones/in-progress.pt``
+(the same atomic write), until it stores its backbone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ WEIGHTS = "backbone.pt"
 META = "meta.json"
 TMP_PREFIX = ".tmp-"
 LAST_TRY = "last_try.json"
+CHECKPOINT = "in-progress.pt"
 
 
 class BackboneError(BackendError):
@@ -142,6 +146,51 @@ class BackboneStore:
         tmp = folder / f"{TMP_PREFIX}{LAST_TRY}-{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
         os.replace(tmp, folder / LAST_TRY)
+
+    def save_checkpoint(self, project_id: int, checkpoint: dict, info: dict) -> None:
+        """Keep an unfinished pretraining's ``checkpoint`` (``pretrain.PretrainResult``) with
+        ``info`` (what it must match to go on: image size, initial weights), atomically."""
+        import torch
+
+        folder = self.folder(project_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{TMP_PREFIX}{CHECKPOINT}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"info": dict(info), "checkpoint": checkpoint}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, folder / CHECKPOINT)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, project_id: int, info: dict) -> dict | None:
+        """The unfinished pretraining's checkpoint when its ``info`` equals ``info``; None when
+        there is none. One that does not match or cannot be read is deleted, with a warning."""
+        import torch
+
+        path = self.folder(project_id) / CHECKPOINT
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            found = saved["info"]
+            checkpoint = saved["checkpoint"]
+        except Exception as exc:
+            logger.warning("pretraining checkpoint %s cannot be read (%s); starting over",
+                           path, _reason(exc))  # fmt: skip
+            self.drop_checkpoint(project_id)
+            return None
+        if found != dict(info):
+            logger.warning("pretraining checkpoint %s was made for %s, not %s; starting over",
+                           path, found, dict(info))  # fmt: skip
+            self.drop_checkpoint(project_id)
+            return None
+        return checkpoint
+
+    def drop_checkpoint(self, project_id: int) -> None:
+        (self.folder(project_id) / CHECKPOINT).unlink(missing_ok=True)
 
     def prune(self, project_id: int, keep: int = 2) -> list[str]:
         """Delete all but the newest ``keep`` backbones; returns the names removed."""

@@ -47,9 +47,12 @@ MIN_CROP_SCALE = 0.3
 
 @dataclasses.dataclass
 class PretrainResult:
-    """What one ``pretrain_backbone`` run produced.
+    """What one ``pretrain_backbone`` call produced.
 
     ``state_dict`` holds the ResNet18 without ``fc`` (torchvision key names), on the CPU.
+    ``checkpoint`` is set when the call paused at ``slice_s`` before the run was over: pass it
+    back as ``resume`` to go on (``state_dict`` is then the unfinished backbone, without the
+    BatchNorm recalibration). ``seconds`` counts training seconds over every slice so far.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -58,6 +61,14 @@ class PretrainResult:
     seconds: float
     loss: float | None
     history: list[float]
+    checkpoint: dict | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.checkpoint is None
+
+
+CHECKPOINT_VERSION = 1
 
 
 def pretrain_backbone(
@@ -72,21 +83,29 @@ def pretrain_backbone(
     flip: bool = False,
     progress: Callable[[dict], None] | None = None,
     log: logging.Logger | logging.LoggerAdapter | None = None,
+    slice_s: float | None = None,
+    resume: dict | None = None,
 ) -> PretrainResult:
     """Train a ResNet18 backbone with SimCLR on ``images`` until the budget or epochs run out.
 
     Args:
         images: ``uint8 [N, S, S, 3]`` RGB pool (a memmap is fine); at least 2 images.
-        budget_s: Seconds of training; the run stops at the first step past it.
+        budget_s: Seconds of training in all (over every slice); the run stops at the first
+            step past it.
         max_epochs: Passes over the pool at most.
         batch_size: Images per step (each gives two views); capped at the pool size.
         seed: Seeds the initialisation, the order and the augmentations.
         device: Where to train (mixed precision and channels_last on CUDA).
         init_state: A backbone to continue from (e.g. the previous one of the project).
         flip: Also mirror views horizontally (photos yes; digits, text no).
-        progress: Called after every epoch with ``epoch``, ``loss``, ``images_per_s``,
-            ``seconds_left``.
+        progress: Called after every epoch (and at a pause) with ``epoch``, ``loss``,
+            ``images_per_s``, ``seconds_left``.
         log: Logger for the per-epoch lines.
+        slice_s: Pause after this many seconds of this call (at least one step) and return a
+            ``checkpoint``; None runs to the end.
+        resume: A previous call's ``checkpoint``: the run goes on where it paused (the same
+            steps as without the pause, on the same images). When the pool's size changed, the
+            weights and the optimizer go on and a new epoch starts over the new pool.
 
     Returns:
         A ``PretrainResult``; ``epochs`` counts epochs started (the last may be cut short).
@@ -100,84 +119,214 @@ def pretrain_backbone(
             f"max_epochs >= 1 and batch_size >= 2 needed; got {max_epochs}, {batch_size}"
         )
     device = concrete_device(torch.device(device))
-    cuda = device.type == "cuda"
-    amp_dtype = amp_dtype_for(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = new_resnet18(1)
-        head = _projection_head()
-    model.fc = nn.Identity()
-    if init_state is not None:
-        model.load_state_dict(_backbone_only(init_state), strict=True)
-    fmt = torch.channels_last if cuda else torch.contiguous_format
-    model.to(device, memory_format=fmt)
-    head.to(device)
-    params = list(model.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    colour = _has_colour(images, rng)
-    batch_size = min(batch_size, len(images))
+    run = _SimCLRRun(images, batch_size=batch_size, seed=seed, device=device,
+                     init_state=init_state, resume=resume)  # fmt: skip
     started = time.perf_counter()
-    history: list[float] = []
-    seen = 0
-    epoch = 0
-    out_of_time = False
-    model.train()
-    head.train()
-    while epoch < max_epochs and not out_of_time:
-        epoch += 1
-        t0, epoch_seen = time.perf_counter(), 0
-        loss_sum = torch.zeros((), device=device)
-        order = rng.permutation(len(images))
-        batches = [np.sort(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
-        batches = [b for b in batches if len(b) >= 2]
-        for index, batch in zip(
-            batches, iter_device_batches(images, batches, device), strict=False
-        ):
-            x = normalize(batch, channels_last=cuda)
-            views = torch.cat([_view(x, generator, colour, flip) for _ in range(2)])
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                z = head(model(views))
-            loss = nt_xent(z.float(), TEMPERATURE)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(index)
-            epoch_seen += len(index)
-            if time.perf_counter() - started >= budget_s:
-                out_of_time = True
+
+    def trained_s() -> float:
+        return run.elapsed + time.perf_counter() - started
+
+    out_of_time = paused = False
+    while not (out_of_time or paused):
+        if run.order is None:
+            if run.epoch >= max_epochs:
                 break
-        seen += epoch_seen
-        epoch_loss = loss_sum.item() / max(epoch_seen, 1)
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"pretraining diverged at epoch {epoch} (loss {epoch_loss})")
-        history.append(epoch_loss)
-        seconds = time.perf_counter() - t0
-        row = {
-            "epoch": epoch,
-            "loss": round(epoch_loss, 5),
-            "images_per_s": round(epoch_seen / max(seconds, 1e-9), 1),
-            "seconds_left": round(max(0.0, budget_s - (time.perf_counter() - started)), 1),
-        }
-        log.info(
-            "pretrain epoch %d/%d loss %.4f %.0f images/s %.0f s left",
-            epoch, max_epochs, epoch_loss, row["images_per_s"], row["seconds_left"],
-        )  # fmt: skip
-        if progress is not None:
-            progress(row)
-    recalibrate_batchnorm(model, images, device=device, batch_size=max(batch_size, 64), seed=seed)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return PretrainResult(
-        state_dict=state,
-        epochs=epoch,
-        images_seen=seen,
-        seconds=round(time.perf_counter() - started, 3),
-        loss=history[-1] if history else None,
-        history=history,
+            run.new_epoch()
+        t0 = time.perf_counter()
+        for _, batch in run.remaining_batches():
+            run.step(batch, flip)
+            if trained_s() >= budget_s:
+                out_of_time = True
+            elif slice_s is not None and time.perf_counter() - started >= slice_s:
+                paused = True
+            if out_of_time or paused:
+                break
+        run.epoch_seconds += time.perf_counter() - t0
+        if run.next_batch >= len(run.batches) or out_of_time:
+            row = run.end_epoch(budget_s - trained_s())
+            log.info(
+                "pretrain epoch %d/%d loss %.4f %.0f images/s %.0f s left",
+                row["epoch"], max_epochs, row["loss"], row["images_per_s"], row["seconds_left"],
+            )  # fmt: skip
+            if progress is not None:
+                progress(row)
+    run.elapsed = trained_s()
+    finished = out_of_time or (run.order is None and run.epoch >= max_epochs)
+    if not finished:
+        if progress is not None and run.order is not None:  # paused mid-epoch
+            progress(run.progress_row(budget_s - run.elapsed))
+        return run.result(checkpoint=run.checkpoint())
+    recalibrate_batchnorm(
+        run.model, images, device=device, batch_size=max(run.batch_size, 64), seed=seed
     )
+    return run.result(checkpoint=None)
+
+
+class _SimCLRRun:
+    """The state of one SimCLR run: networks, optimizer, random streams and the position in the
+    current epoch; ``checkpoint()`` / ``resume=`` carry it between slices (or processes)."""
+
+    def __init__(self, images, *, batch_size, seed, device, init_state, resume):
+        self.images, self.device = images, device
+        self.cuda = device.type == "cuda"
+        self.amp_dtype = amp_dtype_for(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = new_resnet18(1)
+            self.head = _projection_head()
+        self.model.fc = nn.Identity()
+        if init_state is not None:
+            self.model.load_state_dict(_backbone_only(init_state), strict=True)
+        fmt = torch.channels_last if self.cuda else torch.contiguous_format
+        self.model.to(device, memory_format=fmt)
+        self.head.to(device)
+        params = list(self.model.parameters()) + list(self.head.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.colour = _has_colour(images, self.rng)
+        self.batch_size = min(batch_size, len(images))
+        self.epoch = self.seen = 0
+        self.history: list[float] = []
+        self.elapsed = 0.0
+        self.order: np.ndarray | None = None  # the current epoch's image order; None between
+        self.batches: list[np.ndarray] = []
+        self.next_batch = self.epoch_seen = 0
+        self.epoch_seconds = 0.0
+        self.loss_sum = torch.zeros((), device=device)
+        if resume is not None:
+            self._restore(resume)
+        self.model.train()
+        self.head.train()
+
+    def new_epoch(self) -> None:
+        self.epoch += 1
+        self.order = self.rng.permutation(len(self.images))
+        self._split_batches()
+        self.next_batch = self.epoch_seen = 0
+        self.epoch_seconds = 0.0
+        self.loss_sum = torch.zeros((), device=self.device)
+
+    def _split_batches(self) -> None:
+        order, size = self.order, self.batch_size
+        batches = [np.sort(order[i : i + size]) for i in range(0, len(order), size)]
+        self.batches = [b for b in batches if len(b) >= 2]
+
+    def remaining_batches(self):
+        todo = self.batches[self.next_batch :]
+        return zip(todo, iter_device_batches(self.images, todo, self.device), strict=False)
+
+    def step(self, batch: torch.Tensor, flip: bool) -> None:
+        x = normalize(batch, channels_last=self.cuda)
+        views = torch.cat([_view(x, self.generator, self.colour, flip) for _ in range(2)])
+        with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):  # fmt: skip
+            z = self.head(self.model(views))
+        loss = nt_xent(z.float(), TEMPERATURE)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        rows = len(self.batches[self.next_batch])
+        self.loss_sum += loss.detach() * rows
+        self.epoch_seen += rows
+        self.next_batch += 1
+
+    def progress_row(self, seconds_left: float) -> dict:
+        loss = self.loss_sum.item() / max(self.epoch_seen, 1)
+        return {
+            "epoch": self.epoch,
+            "loss": round(loss, 5),
+            "images_per_s": round(self.epoch_seen / max(self.epoch_seconds, 1e-9), 1),
+            "seconds_left": round(max(0.0, seconds_left), 1),
+        }
+
+    def end_epoch(self, seconds_left: float) -> dict:
+        row = self.progress_row(seconds_left)
+        epoch_loss = self.loss_sum.item() / max(self.epoch_seen, 1)
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(
+                f"pretraining diverged at epoch {self.epoch} (loss {epoch_loss})"
+            )
+        self.seen += self.epoch_seen
+        self.history.append(epoch_loss)
+        self.order = None
+        return row
+
+    def result(self, checkpoint: dict | None) -> PretrainResult:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        return PretrainResult(
+            state_dict=state,
+            epochs=self.epoch,
+            images_seen=self.seen + (self.epoch_seen if self.order is not None else 0),
+            seconds=round(self.elapsed, 3),
+            loss=self.history[-1] if self.history else None,
+            history=list(self.history),
+            checkpoint=checkpoint,
+        )
+
+    def checkpoint(self) -> dict:
+        def cpu(state):
+            return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": cpu(self.model.state_dict()),
+            "head": cpu(self.head.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state().cpu(),
+            "rng": self.rng.bit_generator.state,
+            "colour": self.colour,
+            "pool_size": len(self.images),
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "order": None if self.order is None else torch.from_numpy(self.order.copy()),
+            "next_batch": self.next_batch,
+            "epoch_seen": self.epoch_seen,
+            "epoch_seconds": self.epoch_seconds,
+            "loss_sum": float(self.loss_sum.item()),
+            "seen": self.seen,
+            "history": list(self.history),
+            "elapsed": self.elapsed,
+        }
+
+    def _restore(self, ckpt: dict) -> None:
+        if ckpt.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"pretraining checkpoint version {ckpt.get('version')!r} is not "
+                             f"{CHECKPOINT_VERSION}")  # fmt: skip
+        self.model.load_state_dict(ckpt["model"])
+        self.head.load_state_dict(ckpt["head"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.generator.set_state(ckpt["generator"])
+        self.rng.bit_generator.state = ckpt["rng"]
+        self.colour = bool(ckpt["colour"])
+        self.epoch, self.seen = int(ckpt["epoch"]), int(ckpt["seen"])
+        self.history, self.elapsed = list(ckpt["history"]), float(ckpt["elapsed"])
+        same_pool = ckpt["pool_size"] == len(self.images) and ckpt["batch_size"] == self.batch_size
+        if ckpt["order"] is not None and same_pool:
+            self.order = torch.as_tensor(ckpt["order"]).numpy().astype(np.int64)
+            self._split_batches()
+            self.next_batch, self.epoch_seen = int(ckpt["next_batch"]), int(ckpt["epoch_seen"])
+            self.epoch_seconds = float(ckpt["epoch_seconds"])
+            self.loss_sum = torch.tensor(float(ckpt["loss_sum"]), device=self.device)
+        elif ckpt["order"] is not None:  # the pool changed: the started epoch counts as done
+            self.seen += int(ckpt["epoch_seen"])
+            if ckpt["epoch_seen"]:
+                self.history.append(float(ckpt["loss_sum"]) / int(ckpt["epoch_seen"]))
+
+
+def _to_cpu(value):
+    """A copy of an optimizer state with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -6,6 +6,10 @@ wrote (no listing of Label Studio), the pixels from the image cache (fetching wh
 pretrains a SimCLR ResNet18 (``model.pretrain``) within ``PRETRAIN_BUDGET_S`` /
 ``PRETRAIN_EPOCHS`` and stores it as ``MODEL_DIR/<project>/backbones/b<N>/``. A training job run
 without a queue (tests, the simulator) pretrains inline through the same ``pretrain_pool``.
+
+The job runs one slice of ``PRETRAIN_SLICE_S`` seconds and returns ``continue``; the queue side
+(``jobs.pretraining``) then enqueues the next slice, which goes on from the checkpoint this one
+saved. Between slices a worker takes the waiting training jobs (round robin over the queues).
 """
 
 from __future__ import annotations
@@ -47,44 +51,82 @@ def pretraining_due(found, pool_size: int, image_size: int) -> str | None:
     return None
 
 
+def slice_seconds(settings: Settings, load_s: float) -> float | None:
+    """How long this slice of a pretraining may run: ``PRETRAIN_SLICE_S``, at least 4x the
+    seconds it took to read the pool (so a large pool is not read more than it is trained on),
+    None when slicing is off."""
+    if settings.pretrain_slice_s <= 0:
+        return None
+    return max(float(settings.pretrain_slice_s), 4.0 * load_s)
+
+
 def pretrain_pool(
     settings: Settings,
     project_id: int,
     pool: Pool,
     device,
     progress: Callable[..., None] | None = None,
+    sliced: bool = False,
 ) -> dict:
     """Pretrain a backbone on ``pool``'s images and store it; returns ``{"backbone", "epochs",
-    "seconds", "loss", "images", "image_size"}``. Starts from the PRETRAINED weights when they
-    load (domain adaptation), else from the seeded random init."""
+    "seconds", "loss", "images", "image_size", "state_dict"}``. Starts from the PRETRAINED
+    weights when they load (domain adaptation), else from the seeded random init.
+
+    With ``sliced`` (the RQ job), the run goes on from the project's checkpoint when there is
+    one, and pauses after ``slice_seconds``: it then saves the checkpoint and returns
+    ``{"continue": True, "epochs", "seconds", "images_seen", ...}`` without a backbone."""
     size = int(pool.images.shape[1])
     initial, source = build_model(
         len(pool.label_names), settings.pretrained, log=log, seed=settings.seed
     )
+    store = BackboneStore(settings.model_dir)
+    # What a checkpoint must match to be gone on from (else it is deleted and the run starts over).
+    info = {"image_size": size, "init": source, "seed": settings.seed,
+            "batch_size": max(16, settings.batch_size)}  # fmt: skip
+    resume = store.load_checkpoint(project_id, info) if sliced else None
     t0 = time.monotonic()
+    images = pool.images
+    images = images.in_memory() if hasattr(images, "in_memory") else images  # read once
+    slice_s = slice_seconds(settings, time.monotonic() - t0) if sliced else None
+    done_s = float(resume["elapsed"]) if resume else 0.0
     log.info(
-        "project %s: self-supervised pretraining on %d images at %d px (budget %d s, from %s)",
+        "project %s: self-supervised pretraining on %d images at %d px (budget %d s, from %s%s)",
         project_id, len(pool.task_ids), size, settings.pretrain_budget_s, source,
+        f", going on after {done_s:.0f} s" if resume else "",
     )  # fmt: skip
     report = progress or (lambda **_: None)
     report(stage="pretraining", budget_s=settings.pretrain_budget_s)
-    images = pool.images
-    result = pretrain_backbone(
-        images.in_memory() if hasattr(images, "in_memory") else images,  # read once, not per epoch
-        budget_s=settings.pretrain_budget_s,
-        max_epochs=settings.pretrain_epochs,
-        batch_size=max(16, settings.batch_size),  # 64 beat 128 at the same budget (more steps)
-        seed=settings.seed,
-        device=device,
-        init_state=initial.state_dict()
-        if source == "imagenet" or source.startswith("file:")
-        else None,
-        progress=lambda info: report(
-            stage="pretraining", budget_s=settings.pretrain_budget_s, **info
-        ),
-        log=log,
-    )
-    store = BackboneStore(settings.model_dir)
+    try:
+        result = pretrain_backbone(
+            images,
+            budget_s=settings.pretrain_budget_s,
+            max_epochs=settings.pretrain_epochs,
+            batch_size=info["batch_size"],  # 64 beat 128 at the same budget (more steps)
+            seed=settings.seed,
+            device=device,
+            init_state=initial.state_dict()
+            if source == "imagenet" or source.startswith("file:")
+            else None,
+            progress=lambda row: report(
+                stage="pretraining", budget_s=settings.pretrain_budget_s, **row
+            ),
+            log=log,
+            slice_s=slice_s,
+            resume=resume,
+        )
+    except Exception:
+        store.drop_checkpoint(project_id)  # a diverged or broken run does not go on from here
+        raise
+    if not result.finished:
+        store.save_checkpoint(project_id, result.checkpoint, info)
+        log.info(
+            "project %s: pretraining paused after %.0f of %d s (epoch %d); it goes on after the "
+            "waiting retrains", project_id, result.seconds, settings.pretrain_budget_s,
+            result.epochs,
+        )  # fmt: skip
+        return {"continue": True, "epochs": result.epochs, "seconds": result.seconds,
+                "images_seen": result.images_seen, "images": len(pool.task_ids),
+                "image_size": size}  # fmt: skip
     name = store.save(
         project_id,
         result,
@@ -92,6 +134,7 @@ def pretrain_pool(
         pool_key=hashlib.sha256(pool.task_ids.astype("int64").tobytes()).hexdigest()[:16],
         pool_size=len(pool.task_ids),
     )
+    store.drop_checkpoint(project_id)
     store.prune(project_id, keep=BACKBONES_KEPT)
     log.info(
         "project %s: backbone %s: %d epochs in %.0f s, final loss %.3f",
@@ -104,7 +147,7 @@ def pretrain_pool(
     return {
         "backbone": name,
         "epochs": result.epochs,
-        "seconds": round(time.monotonic() - t0, 1),
+        "seconds": round(result.seconds, 1),
         "loss": result.loss,
         "images": len(pool.task_ids),
         "image_size": size,
@@ -155,8 +198,13 @@ def pretrain_project(
     why = pretraining_due(BackboneStore(settings.model_dir).latest(project_id),
                           len(pool.task_ids), int(pool.images.shape[1]))  # fmt: skip
     if why is None:
+        BackboneStore(settings.model_dir).drop_checkpoint(project_id)
         return {"outcome": "not needed: the project's backbone is current"}
     log.info("project %s: pretraining (%s): %s", project_id, reason, why)
-    done = pretrain_pool(settings, project_id, pool, resolve_device(settings.device), progress)
+    done = pretrain_pool(settings, project_id, pool, resolve_device(settings.device), progress,
+                         sliced=True)  # fmt: skip
+    if done.get("continue"):
+        return {"outcome": f"paused after {done['seconds']:.0f} of "
+                           f"{settings.pretrain_budget_s} s", "why": why, **done}  # fmt: skip
     done.pop("state_dict")
     return {"outcome": f"pretrained {done['backbone']}", "why": why, **done}

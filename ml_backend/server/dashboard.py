@@ -165,6 +165,11 @@ def pretraining_text(status: dict) -> str:
         if progress.get("epoch"):
             words += f": epoch {progress['epoch']}, {progress.get('seconds_left') or 0:.0f} s left"
         return words + "; jobs use the backbone they have meanwhile."
+    if state == "waiting" and pre.get("slices"):
+        progress = pre.get("progress") or {}
+        return (f"Pretraining the project's own backbone: paused after slice {pre['slices']} "
+                f"(epoch {progress.get('epoch') or 0}, {progress.get('seconds_left') or 0:.0f} s "
+                "left) while waiting retrains run; it goes on after them.")  # fmt: skip
     if state == "waiting":
         return f"A pretraining of the project's backbone is waiting ({pre.get('reason')})."
     if state in ("failed", "stopped"):

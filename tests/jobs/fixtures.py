@@ -125,3 +125,25 @@ def pretrain_label_studio_down(project_id, reason, *, settings, status, progress
 
 def pretrained(redis) -> list[dict]:
     return [json.loads(r) for r in redis.lrange(PRETRAINED_KEY, 0, -1)]
+
+
+ORDER_KEY = "test:order"
+
+
+def record_order(project_id, reason, *, settings, redis, status, snapshot=None):
+    """A training job that notes when it ran among the pretraining slices."""
+    redis.rpush(ORDER_KEY, f"train-{project_id}")
+    return {"outcome": "trained"}
+
+
+def pretrain_in_slices(project_id, reason, *, settings, status, progress):
+    """Three slices, as the real body runs them: the first two return ``continue``."""
+    import redis as redis_lib
+
+    redis = redis_lib.Redis.from_url(settings.redis_url)
+    n = redis.incr("test:slices")
+    redis.rpush(ORDER_KEY, f"slice-{n}")
+    progress(epoch=n, loss=4.0, seconds_left=3.0 - n)
+    if n < 3:
+        return {"continue": True, "outcome": f"paused after {n} of 3 s", "seconds": float(n)}
+    return {"outcome": "pretrained (pretend, nothing stored)", "seconds": 3.0}

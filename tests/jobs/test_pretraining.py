@@ -210,3 +210,52 @@ def test_a_pretraining_that_keeps_killing_its_worker_is_held_back(redis_conn, se
     )
     work_pretraining(redis_conn, settings)
     assert status.pretraining(12)["state"] == "done" and "kills" not in status.pretraining(12)
+
+
+def test_slices_and_retrains_take_turns_on_one_worker(redis_conn, settings):
+    """With one worker, a pretraining in slices gets a slice after each waiting retrain
+    (round robin), instead of waiting until no retrain is left: labeling never stops it."""
+    from ml_backend.jobs.worker import run_worker
+
+    for project in (6, 7):
+        q.request_training(redis_conn, settings, project, "ANNOTATION_CREATED",
+                           fixtures.record_order)  # fmt: skip
+    _, first = p.request_pretraining(redis_conn, settings, 5, "no backbone",
+                                     fixtures.pretrain_in_slices)  # fmt: skip
+    run_worker(settings, burst=True)
+    order = [x.decode() for x in redis_conn.lrange(fixtures.ORDER_KEY, 0, -1)]
+    assert order == ["train-6", "slice-1", "train-7", "slice-2", "slice-3"]
+    record = StatusStore(redis_conn).pretraining(5)
+    assert record["state"] == "done" and record["seconds"] == 3.0 and "slices" not in record
+    assert record["job_id"] != first and p.PretrainMarker(redis_conn).read(5) is None
+
+
+def test_without_slices_waiting_retrains_go_first(redis_conn, settings):
+    from ml_backend.jobs.worker import run_worker
+
+    settings = settings.with_overrides(pretrain_slice_s=0)
+    p.request_pretraining(redis_conn, settings, 5, "no backbone", fixtures.pretrain_in_slices)
+    for project in (6, 7):
+        q.request_training(redis_conn, settings, project, "ANNOTATION_CREATED",
+                           fixtures.record_order)  # fmt: skip
+    run_worker(settings, burst=True)
+    order = [x.decode() for x in redis_conn.lrange(fixtures.ORDER_KEY, 0, -1)]
+    assert order == ["train-6", "train-7", "slice-1", "slice-2", "slice-3"]
+
+
+def test_between_slices_the_next_one_waits_named_by_the_marker(redis_conn, settings):
+    p.request_pretraining(redis_conn, settings, 5, "no backbone", fixtures.pretrain_in_slices)
+    q.use_settings(settings)
+    SimpleWorker([Queue(p.queue_name(settings), connection=redis_conn)],
+                 connection=redis_conn).work(burst=True, max_jobs=1)  # fmt: skip
+    record, marker = StatusStore(redis_conn).pretraining(5), p.PretrainMarker(redis_conn).read(5)
+    assert record["state"] == "waiting" and record["slices"] == 1
+    assert record["progress"]["epoch"] == 1  # what the dashboard shows while it waits
+    assert marker["state"] == "waiting" and marker["job"] == record["job_id"]
+    assert [j.id for j in pretrain_jobs(redis_conn, settings)] == [record["job_id"]]
+    # A request meanwhile (a training job) finds it and enqueues nothing more.
+    assert p.request_pretraining(redis_conn, settings, 5, "grown") == ("waiting", record["job_id"])
+    # The next slice starts with the slice count and progress it left.
+    SimpleWorker([Queue(p.queue_name(settings), connection=redis_conn)],
+                 connection=redis_conn).work(burst=True, max_jobs=1)  # fmt: skip
+    assert StatusStore(redis_conn).pretraining(5)["slices"] == 2

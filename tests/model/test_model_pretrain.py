@@ -112,3 +112,63 @@ def test_store_says_which_backbone_is_broken(tmp_path, pool):
 def test_embed_gives_512_float32_rows(pool):
     emb = embed(backbone_model(None, 3), pool[:10], device="cpu", batch_size=4)
     assert emb.shape == (10, 512) and emb.dtype == np.float32
+
+
+def test_a_run_in_slices_is_the_same_run_through_saved_checkpoints(pool, tmp_path):
+    """Paused after every step and resumed from the checkpoint on disk (what the sliced job
+    does between two slices), the run ends with the same weights as one call."""
+    whole = pretrain_backbone(pool[:24], budget_s=600, max_epochs=2, batch_size=8, seed=3,
+                              device="cpu")  # fmt: skip
+    store, info = BackboneStore(tmp_path), {"image_size": 32, "init": "random"}
+    slices, resume, events = 0, None, []
+    while True:
+        part = pretrain_backbone(pool[:24], budget_s=600, max_epochs=2, batch_size=8, seed=3,
+                                 device="cpu", slice_s=0, resume=resume,
+                                 progress=events.append)  # fmt: skip
+        slices += 1
+        if part.finished:
+            break
+        assert part.epochs in (1, 2) and part.seconds > 0
+        store.save_checkpoint(7, part.checkpoint, info)
+        resume = store.load_checkpoint(7, info)
+    assert slices == 6  # 3 steps per epoch, one per slice
+    assert part.history == whole.history and part.images_seen == whole.images_seen == 48
+    assert all(torch.equal(whole.state_dict[k], part.state_dict[k]) for k in whole.state_dict)
+    # Two pauses mid-epoch and the epoch's end, twice.
+    assert [e["epoch"] for e in events] == [1, 1, 1, 2, 2, 2]
+
+
+def test_the_budget_counts_every_slice(pool):
+    first = pretrain_backbone(pool, budget_s=1.5, max_epochs=1000, batch_size=8, seed=0,
+                              device="cpu", slice_s=0.5)  # fmt: skip
+    assert not first.finished and 0.5 <= first.seconds < 1.5
+    second = pretrain_backbone(pool, budget_s=1.5, max_epochs=1000, batch_size=8, seed=0,
+                               device="cpu", slice_s=60, resume=first.checkpoint)  # fmt: skip
+    assert second.finished and 1.5 <= second.seconds < 1.5 + 10
+    assert second.images_seen > first.images_seen
+
+
+def test_a_checkpoint_goes_on_over_a_changed_pool(pool):
+    part = pretrain_backbone(pool[:32], budget_s=600, max_epochs=3, batch_size=8, seed=0,
+                             device="cpu", slice_s=0)  # fmt: skip
+    assert not part.finished and part.images_seen == 8
+    grown = pretrain_backbone(pool, budget_s=600, max_epochs=3, batch_size=8, seed=0,
+                              device="cpu", resume=part.checkpoint)  # fmt: skip
+    # The started epoch counts as done; two more run over the grown pool.
+    assert grown.finished and grown.epochs == 3 and grown.images_seen == 8 + 2 * len(pool)
+
+
+def test_a_checkpoint_that_does_not_match_or_is_broken_is_dropped(pool, tmp_path, caplog):
+    part = pretrain_backbone(pool[:16], budget_s=600, max_epochs=2, batch_size=8, seed=0,
+                             device="cpu", slice_s=0)  # fmt: skip
+    store = BackboneStore(tmp_path)
+    store.save_checkpoint(3, part.checkpoint, {"image_size": 32, "init": "random"})
+    assert store.load_checkpoint(3, {"image_size": 32, "init": "random"})["epoch"] == 1
+    assert store.load_checkpoint(3, {"image_size": 64, "init": "random"}) is None
+    assert "was made for" in caplog.text and store.load_checkpoint(3, {"image_size": 32,
+                                                                       "init": "random"}) is None  # fmt: skip
+    path = store.folder(3) / "in-progress.pt"
+    path.write_bytes(b"not a checkpoint")
+    assert store.load_checkpoint(3, {"image_size": 32, "init": "random"}) is None
+    assert "cannot be read" in caplog.text and not path.exists()
+    assert store.names(3) == []  # a checkpoint is not a backbone

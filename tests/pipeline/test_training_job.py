@@ -533,6 +533,53 @@ def test_with_a_queue_the_backbone_is_pretrained_by_a_job_of_its_own(
     assert again["outcome"].startswith("not needed")
 
 
+def test_the_pretraining_job_runs_in_slices_from_its_checkpoint(
+    world, job_settings, redis_conn, monkeypatch
+):
+    """Each call (one RQ job) trains one slice and saves the checkpoint the next goes on from;
+    a call after a kill is just the next call. The budget counts every slice. A slice that
+    fails with an error drops the checkpoint: the next run starts over."""
+    from ml_backend.model.backbones import BackboneStore
+    from ml_backend.pipeline import pretraining
+
+    tasks, labels, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    settings = job_settings.with_overrides(pretrain_budget_s=3, pretrain_slice_s=1,
+                                           pretrain_epochs=1000)  # fmt: skip
+    # The task index (and a request for a pretraining job, not run here).
+    train_project(1, "ANNOTATION_CREATED", settings=settings, status=status, client=client,
+                  image_cache=cache, redis=redis_conn)  # fmt: skip
+    store = BackboneStore(settings.model_dir)
+    checkpoint = store.folder(1) / "in-progress.pt"
+
+    def one_slice():
+        return pretraining.pretrain_project(1, "no backbone", settings=settings, status=status,
+                                            client=client, image_cache=cache)  # fmt: skip
+
+    first = one_slice()
+    assert first["continue"] and first["outcome"].startswith("paused after")
+    assert checkpoint.is_file() and store.names(1) == []
+    real = pretraining.pretrain_backbone
+
+    def diverges(*args, **kwargs):
+        assert kwargs["resume"]["elapsed"] >= 1  # it was going on from the first slice
+        raise FloatingPointError("pretraining diverged at epoch 2 (loss nan)")
+
+    monkeypatch.setattr(pretraining, "pretrain_backbone", diverges)
+    with pytest.raises(FloatingPointError):
+        one_slice()
+    assert not checkpoint.exists()
+    monkeypatch.setattr(pretraining, "pretrain_backbone", real)
+    calls = [one_slice()]
+    assert calls[0]["seconds"] < first["seconds"] + 1.5  # started over
+    while calls[-1].get("continue"):
+        assert checkpoint.is_file()
+        calls.append(one_slice())
+    seconds = [c["seconds"] for c in calls]
+    assert 2 <= len(calls) <= 4 and seconds == sorted(seconds) and 3 <= seconds[-1] < 3 + 5
+    assert calls[-1]["backbone"] == "b1" and not checkpoint.exists()
+
+
 def test_the_pretraining_job_without_a_task_index_or_with_ssl_off_does_nothing(
     world, job_settings, redis_conn
 ):

@@ -175,7 +175,15 @@ def test_dashboard_and_status_show_the_pretraining_job(client, redis_conn, setti
     stopped = client.get("/status/6").get_json()["pretraining"]
     assert stopped["state"] == "stopped" and "reconciler" in stopped["error"]
     assert "Last pretraining failed" in client.get("/dashboard").get_data(as_text=True)
-    marker.finish(6, "pretrain-6-a")
+    # Between two slices: the next slice's job waits behind the retrains (its progress stays).
+    redis_conn.set(marker.key(6), json.dumps({"job": "pretrain-6-b", "state": "waiting",
+                                              "at": redis_now(redis_conn)}))  # fmt: skip
+    store.pretraining_update(6, state="waiting", job_id="pretrain-6-b", slices=2, error=None,
+                             progress={"epoch": 5, "seconds_left": 61.0})  # fmt: skip
+    assert client.get("/status/6").get_json()["pretraining"]["slices"] == 2
+    assert ("paused after slice 2 (epoch 5, 61 s left) while waiting retrains run"
+            in client.get("/dashboard").get_data(as_text=True))  # fmt: skip
+    marker.finish(6, "pretrain-6-b")
     store.pretraining_update(6, state="done", backbone="b1", images=500, epochs=12, seconds=118.0,
                              progress={})  # fmt: skip
     html = client.get("/dashboard").get_data(as_text=True)
