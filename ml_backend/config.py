@@ -72,11 +72,12 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "PRETRAIN_SLICE_S": (
         "30",
-        "A pretraining runs in slices of this many seconds: after each it saves its state, "
-        "workers take the next waiting training job and the next slice in turn, and the next "
-        "slice goes on from the saved state (a killed worker loses one slice). So retrains "
-        "wait at most a slice while a pretraining runs, and the pretraining is not held up by "
-        "continuous labeling. 0: one job runs the whole budget, after every waiting retrain.",
+        "A pretraining runs in slices of at most this many seconds: after each it saves its "
+        "state, workers take the next waiting training job and the next slice in turn, and the "
+        "next slice goes on from the saved state (a killed worker loses one slice). A slice "
+        "ends early, after a third of this, when a training job waits. So a retrain waits about "
+        "a third of a slice while a pretraining runs, and continuous labeling does not hold "
+        "the pretraining up. 0: one job runs the whole budget, after every waiting retrain.",
     ),
     "PSEUDO_LABELS": (
         "on",
@@ -193,9 +194,9 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "RUN_WORKERS": (
         "auto",
         "Worker processes `run` starts. 2: one pretrains a project's backbone while the other "
-        "retrains after each label; 1: retrains first, the pretraining in the first pause of "
-        "labeling (on a CPU it then gets every core: 3x the epochs, measured on 2 cores). auto: "
-        "2 with an NVIDIA GPU (DEVICE auto or cuda), else 1.",
+        "retrains after each label; 1: retrains and pretraining slices (PRETRAIN_SLICE_S) in "
+        "turn (on a CPU two workers share the cores and the pretraining gets a third of its "
+        "epochs, measured on 2 cores). auto: 2 with an NVIDIA GPU (DEVICE auto or cuda), else 1.",
     ),
 }
 

@@ -194,6 +194,15 @@ class PretrainMarker:
         )
 
 
+def training_waiting(redis, settings: Settings) -> bool:
+    """Whether a training job waits on the RQ queue (a running slice then yields early); False
+    when Redis does not answer (the slice just runs its length)."""
+    try:
+        return queue.rq_queue(redis, settings).count > 0
+    except RedisError:
+        return False
+
+
 def enqueue(redis, settings: Settings, project_id: int, reason: str, job_id: str, target=None):
     queue.put_on_rq(Queue(queue_name(settings), connection=redis), run_pretraining_job, settings,
                     project_id, reason, job_id, target, "pretrain")  # fmt: skip

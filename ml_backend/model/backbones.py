@@ -29,6 +29,7 @@ META = "meta.json"
 TMP_PREFIX = ".tmp-"
 LAST_TRY = "last_try.json"
 CHECKPOINT = "in-progress.pt"
+CHECKPOINT_CONTEXT = "in-progress.json"
 
 
 class BackboneError(BackendError):
@@ -147,23 +148,40 @@ class BackboneStore:
         tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
         os.replace(tmp, folder / LAST_TRY)
 
-    def save_checkpoint(self, project_id: int, checkpoint: dict, info: dict) -> None:
+    def save_checkpoint(
+        self, project_id: int, checkpoint: dict, info: dict, context: dict | None = None
+    ) -> None:
         """Keep an unfinished pretraining's ``checkpoint`` (``pretrain.PretrainResult``) with
-        ``info`` (what it must match to go on: image size, initial weights), atomically."""
+        ``info`` (what it must match to go on: image size, initial weights), atomically, and
+        ``context`` (JSON: what the next slice may need without Label Studio) beside it."""
         import torch
 
         folder = self.folder(project_id)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f"{TMP_PREFIX}{CHECKPOINT}-{uuid.uuid4().hex[:8]}"
+        side = folder / f"{TMP_PREFIX}{CHECKPOINT_CONTEXT}-{uuid.uuid4().hex[:8]}"
         try:
+            side.write_text(json.dumps(context or {}), encoding="utf-8")
             with open(tmp, "wb") as f:
                 torch.save({"info": dict(info), "checkpoint": checkpoint}, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.replace(side, folder / CHECKPOINT_CONTEXT)
             os.replace(tmp, folder / CHECKPOINT)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            side.unlink(missing_ok=True)
             raise
+
+    def checkpoint_context(self, project_id: int) -> dict | None:
+        """The ``context`` saved with the unfinished pretraining's checkpoint; None without one."""
+        folder = self.folder(project_id)
+        if not (folder / CHECKPOINT).is_file():
+            return None
+        try:
+            return json.loads((folder / CHECKPOINT_CONTEXT).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
 
     def load_checkpoint(self, project_id: int, info: dict) -> dict | None:
         """The unfinished pretraining's checkpoint when its ``info`` equals ``info``; None when
@@ -191,6 +209,7 @@ class BackboneStore:
 
     def drop_checkpoint(self, project_id: int) -> None:
         (self.folder(project_id) / CHECKPOINT).unlink(missing_ok=True)
+        (self.folder(project_id) / CHECKPOINT_CONTEXT).unlink(missing_ok=True)
 
     def prune(self, project_id: int, keep: int = 2) -> list[str]:
         """Delete all but the newest ``keep`` backbones; returns the names removed."""

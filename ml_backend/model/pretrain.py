@@ -85,6 +85,7 @@ def pretrain_backbone(
     log: logging.Logger | logging.LoggerAdapter | None = None,
     slice_s: float | None = None,
     resume: dict | None = None,
+    pause_early: Callable[[float], bool] | None = None,
 ) -> PretrainResult:
     """Train a ResNet18 backbone with SimCLR on ``images`` until the budget or epochs run out.
 
@@ -103,6 +104,8 @@ def pretrain_backbone(
         log: Logger for the per-epoch lines.
         slice_s: Pause after this many seconds of this call (at least one step) and return a
             ``checkpoint``; None runs to the end.
+        pause_early: With ``slice_s``, asked after every step with the seconds this call has
+            run; True pauses the slice now (e.g. when other work waits).
         resume: A previous call's ``checkpoint``: the run goes on where it paused (the same
             steps as without the pause, on the same images). When the pool's size changed, the
             weights and the optimizer go on and a new epoch starts over the new pool.
@@ -137,8 +140,9 @@ def pretrain_backbone(
             run.step(batch, flip)
             if trained_s() >= budget_s:
                 out_of_time = True
-            elif slice_s is not None and time.perf_counter() - started >= slice_s:
-                paused = True
+            elif slice_s is not None:
+                ran = time.perf_counter() - started
+                paused = ran >= slice_s or (pause_early is not None and pause_early(ran))
             if out_of_time or paused:
                 break
         run.epoch_seconds += time.perf_counter() - t0

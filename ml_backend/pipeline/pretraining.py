@@ -14,14 +14,17 @@ saved. Between slices a worker takes the waiting training jobs (round robin over
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 
 from ml_backend.config import Settings
+from ml_backend.errors import LabelStudioUnavailable
 from ml_backend.labelstudio.client import LabelStudioClient
 from ml_backend.labelstudio.images import ImageCache
+from ml_backend.labelstudio.labels import LabelSpec
 from ml_backend.model.backbones import BackboneStore
 from ml_backend.model.network import build_model, resolve_device
 from ml_backend.model.pretrain import pretrain_backbone
@@ -51,6 +54,24 @@ def pretraining_due(found, pool_size: int, image_size: int) -> str | None:
     return None
 
 
+# A slice yields to a waiting training job once it has run this share of PRETRAIN_SLICE_S.
+YIELD_AFTER = 1 / 3
+
+
+def yield_to_training(waiting: Callable[[], bool], slice_s: float) -> Callable[[float], bool]:
+    """``pause_early`` for a slice: True once it has run ``YIELD_AFTER`` of ``slice_s`` and
+    ``waiting()`` (a training job is queued) says so; ``waiting`` is asked once a second at most."""
+    asked = [-1.0]
+
+    def pause(ran: float) -> bool:
+        if ran < YIELD_AFTER * slice_s or ran - asked[0] < 1.0:
+            return False
+        asked[0] = ran
+        return waiting()
+
+    return pause
+
+
 def slice_seconds(settings: Settings, load_s: float) -> float | None:
     """How long this slice of a pretraining may run: ``PRETRAIN_SLICE_S``, at least 4x the
     seconds it took to read the pool (so a large pool is not read more than it is trained on),
@@ -67,6 +88,8 @@ def pretrain_pool(
     device,
     progress: Callable[..., None] | None = None,
     sliced: bool = False,
+    context: dict | None = None,
+    training_waiting: Callable[[], bool] | None = None,
 ) -> dict:
     """Pretrain a backbone on ``pool``'s images and store it; returns ``{"backbone", "epochs",
     "seconds", "loss", "images", "image_size", "state_dict"}``. Starts from the PRETRAINED
@@ -74,7 +97,9 @@ def pretrain_pool(
 
     With ``sliced`` (the RQ job), the run goes on from the project's checkpoint when there is
     one, and pauses after ``slice_seconds``: it then saves the checkpoint and returns
-    ``{"continue": True, "epochs", "seconds", "images_seen", ...}`` without a backbone."""
+    ``{"continue": True, "epochs", "seconds", "images_seen", ...}`` without a backbone;
+    ``context`` (JSON) is kept beside the checkpoint (``BackboneStore.checkpoint_context``).
+    ``training_waiting`` (a training job is queued) ends the slice early, after a third of it."""
     size = int(pool.images.shape[1])
     initial, source = build_model(
         len(pool.label_names), settings.pretrained, log=log, seed=settings.seed
@@ -113,12 +138,15 @@ def pretrain_pool(
             log=log,
             slice_s=slice_s,
             resume=resume,
+            pause_early=yield_to_training(training_waiting, slice_s)
+            if slice_s is not None and training_waiting is not None
+            else None,
         )
     except Exception:
         store.drop_checkpoint(project_id)  # a diverged or broken run does not go on from here
         raise
     if not result.finished:
-        store.save_checkpoint(project_id, result.checkpoint, info)
+        store.save_checkpoint(project_id, result.checkpoint, info, context)
         log.info(
             "project %s: pretraining paused after %.0f of %d s (epoch %d); it goes on after the "
             "waiting retrains", project_id, result.seconds, settings.pretrain_budget_s,
@@ -153,6 +181,41 @@ def pretrain_pool(
         "image_size": size,
         "state_dict": result.state_dict,
     }
+
+
+def _label_spec(client, project_id: int, store: BackboneStore) -> LabelSpec:
+    """The project's labeling config from Label Studio; when it is unreachable and a pretraining
+    is under way, the config its last slice read (a slice needs no more from Label Studio than
+    its cached images)."""
+    try:
+        return client.label_spec(project_id)
+    except LabelStudioUnavailable:
+        saved = (store.checkpoint_context(project_id) or {}).get("spec")
+        if not saved:
+            raise
+        log.warning("project %s: Label Studio is unreachable; the pretraining goes on with the "
+                    "labeling config its last slice read", project_id)  # fmt: skip
+        return LabelSpec(**{**saved, "labels": tuple(saved["labels"]),
+                            "other_controls": frozenset(saved["other_controls"])})  # fmt: skip
+
+
+def _training_waiting(settings: Settings, status) -> Callable[[], bool] | None:
+    """Whether a training job is queued (any project), from the status store's Redis; None
+    without one (tests, direct calls)."""
+    redis = getattr(status, "redis", None)
+    if redis is None:
+        return None
+    from ml_backend.jobs.pretraining import training_waiting  # the queue side, by name
+
+    return lambda: training_waiting(redis, settings)
+
+
+def _spec_context(spec) -> dict:
+    if not dataclasses.is_dataclass(spec):
+        return {}
+    fields = dataclasses.asdict(spec)
+    return {"spec": {**fields, "labels": list(fields["labels"]),
+                     "other_controls": sorted(fields["other_controls"])}}  # fmt: skip
 
 
 def pretrain_project(
@@ -190,7 +253,7 @@ def pretrain_project(
     if state is None or not size:
         return {"outcome": "not run: no training job has read the project's tasks yet"}
     client = client or LabelStudioClient(settings)
-    spec = client.label_spec(project_id)
+    spec = _label_spec(client, project_id, BackboneStore(settings.model_dir))
     pool = build_pool(state["tasks"], spec, image_cache or ImageCache(settings, client, size),
                       lazy=True)  # fmt: skip
     if len(pool.task_ids) == 0:
@@ -202,7 +265,8 @@ def pretrain_project(
         return {"outcome": "not needed: the project's backbone is current"}
     log.info("project %s: pretraining (%s): %s", project_id, reason, why)
     done = pretrain_pool(settings, project_id, pool, resolve_device(settings.device), progress,
-                         sliced=True)  # fmt: skip
+                         sliced=True, context=_spec_context(spec),
+                         training_waiting=_training_waiting(settings, status))  # fmt: skip
     if done.get("continue"):
         return {"outcome": f"paused after {done['seconds']:.0f} of "
                            f"{settings.pretrain_budget_s} s", "why": why, **done}  # fmt: skip

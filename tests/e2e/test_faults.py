@@ -30,9 +30,9 @@ FAST = {
     "JOB_RETRY_S": "5",
     "PRETRAIN_BUDGET_S": "5",
 }
-# The pretraining job runs for its whole budget (not stopped by PRETRAIN_EPOCHS): long enough to
-# break something in the middle.
-LONG_PRETRAINING = {"PRETRAIN_BUDGET_S": "25", "PRETRAIN_EPOCHS": "10000"}
+# The pretraining runs for its whole budget (not stopped by PRETRAIN_EPOCHS), in three slices:
+# long enough to break something in the middle, or between two slices.
+LONG_PRETRAINING = {"PRETRAIN_BUDGET_S": "25", "PRETRAIN_EPOCHS": "10000", "PRETRAIN_SLICE_S": "10"}
 
 
 def wait_for_pretraining(stack, project: int, timeout_s: float = 120) -> None:
@@ -68,6 +68,9 @@ def test_redis_restarted_mid_job_loses_nothing(label_studio, ls_api, e2e_dir):
                 "metrics"
             ]
             assert served["backbone"] == final["pretraining"]["backbone"] == "b1", served
+            assert final["pretraining"]["seconds"] >= 25  # the budget, over every slice
+            worker_log = stack.backend.log_path("worker").read_text()
+            assert "pretraining slice 1 done" in worker_log and "going on after" in worker_log
             assert stack.backend.alive(), "the worker and web app survive a Redis restart"
     finally:
         redis.stop()

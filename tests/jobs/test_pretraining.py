@@ -259,3 +259,26 @@ def test_between_slices_the_next_one_waits_named_by_the_marker(redis_conn, setti
     SimpleWorker([Queue(p.queue_name(settings), connection=redis_conn)],
                  connection=redis_conn).work(burst=True, max_jobs=1)  # fmt: skip
     assert StatusStore(redis_conn).pretraining(5)["slices"] == 2
+
+
+def test_a_slice_yields_to_a_waiting_training_job_after_a_third_of_it(redis_conn, settings):
+    from ml_backend.pipeline.pretraining import yield_to_training
+
+    assert p.training_waiting(redis_conn, settings) is False
+    q.request_training(redis_conn, settings, 6, "ANNOTATION_CREATED", fixtures.record_order)
+    assert p.training_waiting(redis_conn, settings) is True
+    calls = []
+
+    def waiting():
+        calls.append(1)
+        return True
+
+    pause = yield_to_training(waiting, slice_s=30)
+    assert not pause(5.0) and not pause(9.9) and calls == []  # the first third is the slice's
+    assert pause(10.0) and len(calls) == 1
+    assert not pause(10.5) and len(calls) == 1  # Redis is asked once a second at most
+    assert pause(11.0) and len(calls) == 2
+    # Redis down: the slice runs its length.
+    from redis import Redis
+
+    assert p.training_waiting(Redis(port=1, socket_connect_timeout=0.2), settings) is False

@@ -172,3 +172,16 @@ def test_a_checkpoint_that_does_not_match_or_is_broken_is_dropped(pool, tmp_path
     assert store.load_checkpoint(3, {"image_size": 32, "init": "random"}) is None
     assert "cannot be read" in caplog.text and not path.exists()
     assert store.names(3) == []  # a checkpoint is not a backbone
+
+
+def test_pause_early_ends_a_slice_when_asked(pool):
+    asked = []
+
+    def pause(ran):
+        asked.append(ran)
+        return len(asked) == 2
+
+    part = pretrain_backbone(pool, budget_s=600, max_epochs=5, batch_size=8, seed=0,
+                             device="cpu", slice_s=600, pause_early=pause)  # fmt: skip
+    assert not part.finished and part.images_seen == 16  # two steps, then paused
+    assert asked == sorted(asked)

@@ -533,6 +533,10 @@ def test_with_a_queue_the_backbone_is_pretrained_by_a_job_of_its_own(
     assert again["outcome"].startswith("not needed")
 
 
+def down(*args, **kwargs):
+    raise LabelStudioUnavailable("Label Studio at http://ls is unavailable (ConnectionError)")
+
+
 def test_the_pretraining_job_runs_in_slices_from_its_checkpoint(
     world, job_settings, redis_conn, monkeypatch
 ):
@@ -565,19 +569,43 @@ def test_the_pretraining_job_runs_in_slices_from_its_checkpoint(
         assert kwargs["resume"]["elapsed"] >= 1  # it was going on from the first slice
         raise FloatingPointError("pretraining diverged at epoch 2 (loss nan)")
 
-    monkeypatch.setattr(pretraining, "pretrain_backbone", diverges)
+    monkeypatch.setattr(pretraining, "pretrain_backbone", diverges)  # (undone below)
     with pytest.raises(FloatingPointError):
         one_slice()
     assert not checkpoint.exists()
     monkeypatch.setattr(pretraining, "pretrain_backbone", real)
+    # Label Studio down: with no pretraining under way the job fails (and is retried) ...
+    monkeypatch.setattr(client, "label_spec", down)
+    with pytest.raises(LabelStudioUnavailable):
+        one_slice()
+    monkeypatch.undo()
     calls = [one_slice()]
     assert calls[0]["seconds"] < first["seconds"] + 1.5  # started over
+    # ... while the next slices go on with the config the first one read.
+    monkeypatch.setattr(client, "label_spec", down)
     while calls[-1].get("continue"):
         assert checkpoint.is_file()
         calls.append(one_slice())
     seconds = [c["seconds"] for c in calls]
     assert 2 <= len(calls) <= 4 and seconds == sorted(seconds) and 3 <= seconds[-1] < 3 + 5
     assert calls[-1]["backbone"] == "b1" and not checkpoint.exists()
+
+
+def test_a_slice_ends_early_when_a_training_job_waits(world, job_settings, redis_conn):
+    from rq import Queue
+
+    from ml_backend.pipeline.pretraining import pretrain_project
+
+    tasks, _, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    settings = job_settings.with_overrides(pretrain_budget_s=600, pretrain_slice_s=6,
+                                           pretrain_epochs=1000)  # fmt: skip
+    train_project(1, "ANNOTATION_CREATED", settings=settings, status=status, client=client,
+                  image_cache=cache, redis=redis_conn)  # fmt: skip
+    Queue(settings.rq_queue, connection=redis_conn).enqueue(print, "a waiting training job")
+    out = pretrain_project(1, "no backbone", settings=settings, status=status, client=client,
+                           image_cache=cache)  # fmt: skip
+    assert out["continue"] and 2 <= out["seconds"] < 5, out  # a third of 6 s, not 6
 
 
 def test_the_pretraining_job_without_a_task_index_or_with_ssl_off_does_nothing(
