@@ -174,11 +174,12 @@ class PretrainMarker:
         return self._update(project_id, change)[0]
 
     def hand_over(self, project_id, job_id: str, next_id: str) -> bool:
-        """Name ``next_id`` (the next slice, waiting) in place of running ``job_id``; False when
-        the marker names another job (this one's lease was taken over)."""
+        """Name ``next_id`` (the next slice, waiting) in place of running ``job_id``, or in an
+        empty marker (Redis lost it: restarted without persistence); False when the marker
+        names another job (this one's lease was taken over)."""
 
         def change(current, now):
-            if (current or {}).get("job") != job_id:
+            if current is not None and current.get("job") != job_id:
                 return current, False
             return {"job": next_id, "state": "waiting", "at": now}, True
 

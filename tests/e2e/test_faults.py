@@ -69,8 +69,8 @@ def test_redis_restarted_mid_job_loses_nothing(label_studio, ls_api, e2e_dir):
             ]
             assert served["backbone"] == final["pretraining"]["backbone"] == "b1", served
             assert final["pretraining"]["seconds"] >= 25  # the budget, over every slice
-            worker_log = stack.backend.log_path("worker").read_text()
-            assert "pretraining slice 1 done" in worker_log and "going on after" in worker_log
+            # Later slices went on from a checkpoint, across the restart too.
+            assert "going on after" in stack.backend.log_path("worker").read_text()
             assert stack.backend.alive(), "the worker and web app survive a Redis restart"
     finally:
         redis.stop()

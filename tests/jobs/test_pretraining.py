@@ -255,6 +255,13 @@ def test_between_slices_the_next_one_waits_named_by_the_marker(redis_conn, setti
     assert [j.id for j in pretrain_jobs(redis_conn, settings)] == [record["job_id"]]
     # A request meanwhile (a training job) finds it and enqueues nothing more.
     assert p.request_pretraining(redis_conn, settings, 5, "grown") == ("waiting", record["job_id"])
+    # Hand-over rules: only from the job the marker names, or into an empty marker (Redis
+    # restarted without persistence); never over another job.
+    marker = p.PretrainMarker(redis_conn)
+    assert marker.hand_over(5, "pretrain-5-other", "pretrain-5-x") is False
+    assert marker.read(5)["job"] == record["job_id"]
+    assert marker.hand_over(99, "pretrain-99-a", "pretrain-99-b") is True
+    assert marker.read(99)["job"] == "pretrain-99-b" and marker.read(99)["state"] == "waiting"
     # The next slice starts with the slice count and progress it left.
     SimpleWorker([Queue(p.queue_name(settings), connection=redis_conn)],
                  connection=redis_conn).work(burst=True, max_jobs=1)  # fmt: skip

@@ -533,6 +533,17 @@ def test_with_a_queue_the_backbone_is_pretrained_by_a_job_of_its_own(
     assert again["outcome"].startswith("not needed")
 
 
+def indexed_project(world, job_settings, redis_conn, **overrides):
+    """Project 1 after one training job with a queue: its task index written, a pretraining job
+    asked for (not run). Returns ``(settings, client, status, cache)``."""
+    tasks, _, cache = world
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    settings = job_settings.with_overrides(pretrain_epochs=1000, **overrides)
+    train_project(1, "ANNOTATION_CREATED", settings=settings, status=status, client=client,
+                  image_cache=cache, redis=redis_conn)  # fmt: skip
+    return settings, client, status, cache
+
+
 def down(*args, **kwargs):
     raise LabelStudioUnavailable("Label Studio at http://ls is unavailable (ConnectionError)")
 
@@ -546,13 +557,8 @@ def test_the_pretraining_job_runs_in_slices_from_its_checkpoint(
     from ml_backend.model.backbones import BackboneStore
     from ml_backend.pipeline import pretraining
 
-    tasks, labels, cache = world
-    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
-    settings = job_settings.with_overrides(pretrain_budget_s=3, pretrain_slice_s=1,
-                                           pretrain_epochs=1000)  # fmt: skip
-    # The task index (and a request for a pretraining job, not run here).
-    train_project(1, "ANNOTATION_CREATED", settings=settings, status=status, client=client,
-                  image_cache=cache, redis=redis_conn)  # fmt: skip
+    settings, client, status, cache = indexed_project(world, job_settings, redis_conn,
+                                                      pretrain_budget_s=3, pretrain_slice_s=1)  # fmt: skip
     store = BackboneStore(settings.model_dir)
     checkpoint = store.folder(1) / "in-progress.pt"
 
@@ -596,12 +602,8 @@ def test_a_slice_ends_early_when_a_training_job_waits(world, job_settings, redis
 
     from ml_backend.pipeline.pretraining import pretrain_project
 
-    tasks, _, cache = world
-    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
-    settings = job_settings.with_overrides(pretrain_budget_s=600, pretrain_slice_s=6,
-                                           pretrain_epochs=1000)  # fmt: skip
-    train_project(1, "ANNOTATION_CREATED", settings=settings, status=status, client=client,
-                  image_cache=cache, redis=redis_conn)  # fmt: skip
+    settings, client, status, cache = indexed_project(world, job_settings, redis_conn,
+                                                      pretrain_budget_s=600, pretrain_slice_s=6)  # fmt: skip
     Queue(settings.rq_queue, connection=redis_conn).enqueue(print, "a waiting training job")
     out = pretrain_project(1, "no backbone", settings=settings, status=status, client=client,
                            image_cache=cache)  # fmt: skip
