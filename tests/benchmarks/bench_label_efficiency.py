@@ -243,6 +243,7 @@ def summary(rows: list[dict], name: str, args) -> str:
 
 def plot(rows: list[dict], path: Path, datasets: list[str]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -256,6 +257,9 @@ def plot(rows: list[dict], path: Path, datasets: list[str]) -> None:
             if pts:
                 ax.plot(pts, ys, marker="o", label=m, linewidth=2.5 if m == "pipeline" else 1.2)
         ax.set_xscale("log")
+        budgets = sorted({r["budget"] for r in rows if r["dataset"] == name})
+        ax.set_xticks(budgets, [str(b) for b in budgets])  # the budgets, not 2x10^1 ...
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(name)
         ax.set_xlabel("labels")
         ax.set_ylabel("accuracy on the unlabeled pool")
