@@ -11,8 +11,9 @@ Rules (per project): at most one pretraining job waits or runs. It goes to the R
 runs in slices of ``PRETRAIN_SLICE_S``: each job trains one slice, saves a checkpoint and hands
 the project's marker to the next slice's job, which it enqueues. Workers take the queues in turn
 (RQ's round-robin dequeue), so with one worker (what ``run`` starts on a CPU) a waiting retrain
-runs between two slices: retrains wait at most a slice, and continuous labeling does not hold
-the pretraining up. With two (``RUN_WORKERS``; ``run``'s default with a GPU) one pretrains while
+runs between two slices, and a slice yields to a waiting retrain after a third of its length
+(``pipeline.pretraining.yield_to_training``): retrains wait about 10 s, and continuous labeling
+does not hold the pretraining up. With two (``RUN_WORKERS``; ``run``'s default with a GPU) one pretrains while
 the other trains. ``PRETRAIN_SLICE_S=0``: one job runs the whole budget, and workers take
 waiting training jobs first (the pretraining runs in the first pause of labeling).
 
