@@ -312,6 +312,15 @@ def _next_slice(redis, settings, project_id, reason, job_id, target, result) -> 
              slices, result.get("outcome"), next_id)  # fmt: skip
 
 
+def _report(status: StatusStore, project_id: int, fields: dict) -> None:
+    """Per-epoch progress, best effort: a Redis blip must not fail the pretraining."""
+    try:
+        status.pretraining_progress(project_id, **fields)
+    except RedisError as exc:
+        log.warning("project %s: pretraining progress not recorded (%s)", project_id,
+                    type(exc).__name__)  # fmt: skip
+
+
 def _pretrain_target():
     from ml_backend.pipeline.pretraining import pretrain_project  # torch: in the worker only
 
@@ -343,11 +352,16 @@ def run_pretraining_job(project_id: int, reason: str, target: Callable | None = 
             reason,
             settings=settings,
             status=status,
-            progress=lambda **fields: status.pretraining_progress(project_id, **fields),
+            progress=lambda **fields: _report(status, project_id, fields),
         )
         result = dict(result or {"outcome": "done"})
         if result.pop("continue", False):
-            _next_slice(redis, settings, project_id, reason, job.id, target, result)
+            try:
+                _next_slice(redis, settings, project_id, reason, job.id, target, result)
+            except RedisError as exc:  # the checkpoint is on disk: the next request goes on
+                log.warning("project %s: next pretraining slice not enqueued (Redis: %s); the "
+                            "next training job asks for it and it goes on from the checkpoint",
+                            project_id, type(exc).__name__)  # fmt: skip
             return result
         if result.get("backbone"):  # before "done": the project never looks settled between
             try:

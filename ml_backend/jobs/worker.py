@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import uuid
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rq import Queue, SimpleWorker
 from rq.worker import DequeueStrategy
 
@@ -63,10 +65,20 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     # Jobs of killed workers (here or on other machines) are recorded and retried from here.
     reconciler = Reconciler(redis, settings).start()
     try:
-        worked = worker.work(
-            burst=burst, logging_level=settings.log_level,
-            dequeue_strategy=DequeueStrategy(dequeue_strategy(settings)),
-        )  # fmt: skip
+        while True:
+            try:
+                worked = worker.work(
+                    burst=burst, logging_level=settings.log_level,
+                    dequeue_strategy=DequeueStrategy(dequeue_strategy(settings)),
+                )  # fmt: skip
+                break
+            except RedisConnectionError as exc:
+                # RQ waits out Redis outages between jobs, but not while it records a job's
+                # end: the process stays, and listens again once Redis answers.
+                log.warning("worker %s: Redis went away while recording a job (%s); "
+                            "listening again in 2 s", worker.name, type(exc).__name__)  # fmt: skip
+                time.sleep(2)
+                worker = build_worker(settings, redis)
     finally:
         reconciler.stop()
     log.info("worker %s stopped", worker.name)

@@ -289,3 +289,12 @@ def test_a_slice_yields_to_a_waiting_training_job_after_a_third_of_it(redis_conn
     from redis import Redis
 
     assert p.training_waiting(Redis(port=1, socket_connect_timeout=0.2), settings) is False
+
+
+def test_progress_is_best_effort_when_redis_is_away(caplog):
+    """A Redis restart during an epoch's end must not fail the pretraining (the e2e Redis
+    restart found it: the failed job then took its worker down with it)."""
+    from redis import Redis
+
+    p._report(StatusStore(Redis(port=1, socket_connect_timeout=0.2)), 5, {"epoch": 3})
+    assert "pretraining progress not recorded" in caplog.text
