@@ -76,12 +76,12 @@ class EmbeddingCache:
     def lookup(self, backbone: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(vectors, missing)``: ``float32 [n, 512]`` rows for ``keys`` (zeros where missing)
         and the indices of the keys that have no row yet."""
-        vectors = np.zeros((len(keys), EMBEDDING_DIM), dtype=np.float32)
+        vectors = None  # allocated on first need: a fresh 200 MB array costs ~0.6 s of page faults
         found = np.zeros(len(keys), dtype=bool)
         folder = self.dir / backbone
         if folder.is_dir():
             os.utime(folder)  # most recently used: kept by prune
-            position = {k: i for i, k in enumerate(keys.tolist())}
+            keys = np.asarray(keys, dtype="S16")
             for part in sorted(folder.glob("part-*.npz")):
                 try:
                     with np.load(part) as data:
@@ -89,11 +89,19 @@ class EmbeddingCache:
                 except (OSError, ValueError, KeyError) as exc:  # damaged: recomputed
                     log.warning("embedding cache part %s unreadable (%s); ignored", part, exc)
                     continue
-                rows = [(position[k], j) for j, k in enumerate(part_keys.tolist()) if k in position]
-                if rows:
-                    dst, src = np.asarray(rows, dtype=np.int64).T
+                dst, src = _matches(keys, np.asarray(part_keys, dtype="S16"))
+                if not len(dst):
+                    continue
+                if vectors is None and len(dst) == len(keys):  # one part has every row
+                    same = len(src) == len(part_vectors) and (src == np.arange(len(src))).all()
+                    vectors = part_vectors if same else part_vectors[src]  # no copy when aligned
+                else:  # a later part's row wins, as in _merge
+                    if vectors is None:
+                        vectors = np.zeros((len(keys), EMBEDDING_DIM), dtype=np.float32)
                     vectors[dst] = part_vectors[src]
-                    found[dst] = True
+                found[dst] = True
+        if vectors is None:
+            vectors = np.zeros((len(keys), EMBEDDING_DIM), dtype=np.float32)
         return vectors, np.flatnonzero(~found)
 
     def add(self, backbone: str, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -139,6 +147,19 @@ class EmbeddingCache:
         _write(merged, all_keys[rows], np.concatenate(vectors)[rows])
         for part in parts:
             part.unlink()
+
+
+def _matches(keys: np.ndarray, part_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(dst, src)``: ``keys[dst] == part_keys[src]`` for every key found in the part (sorted
+    search, no Python loop: 100,000 keys in ~50 ms); of repeated part keys the last row wins."""
+    if not len(keys) or not len(part_keys):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(part_keys, kind="stable")
+    sorted_keys = part_keys[order]
+    at = np.searchsorted(sorted_keys, keys, side="right") - 1  # the last of equal keys
+    at = np.clip(at, 0, len(sorted_keys) - 1)
+    hit = sorted_keys[at] == keys
+    return np.flatnonzero(hit), order[at[hit]]
 
 
 def _write(path: Path, keys: np.ndarray, vectors: np.ndarray) -> None:

@@ -29,7 +29,7 @@ from ml_backend.selection.kcenter import _as_tensor, _exact_matmul, _resolve_dev
 _TILE_ELEMENTS = 2**24  # cap on one temporary tile (64 MiB in float32)
 _SETTLED = 1e-3  # Lloyd stops when at most this share of the rows changed group
 MAX_ITER = 20  # most Lloyd iterations
-FIT_ROWS = 50_000  # larger pools fit the centres on a sample of this many rows
+FIT_ROWS = 20_000  # larger pools fit the centres on a sample of this many rows (>= 40 per group)
 
 
 @dataclasses.dataclass(frozen=True)

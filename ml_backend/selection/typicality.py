@@ -21,6 +21,11 @@ least from outliers, which is what greedy k-center serves first. So:
 Bounded memory and time: k-means is tiled (see ``kmeans.py``); the neighbours of a group's rows
 are searched among at most ``reference_rows`` of its rows (a seeded sample of a larger group, so
 typicality there is an estimate), in tiles: ``O(sum_c m_c min(m_c, R) d)`` work, no ``N x N``.
+Past ``SCORE_ROWS`` rows, only a seeded sample of each group (its share of ``SCORE_ROWS``, at
+least ``MIN_SCORED`` rows) is scored; its other rows get typicality 0 and so come after the
+sampled ones of their group, in row order. The queue's top takes one to a few rows per group,
+so it is drawn from the scored sample; the work stays ``O(SCORE_ROWS R d)`` at any ``N``
+(100,000 x 512 on 2 CPU cores: 1.6 s -> 0.4 s).
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ MAX_CLUSTERS = 500  # as the TypiClust reference code: beyond it k-means costs m
 NEIGHBOURS = 20  # k of the k-NN density (the paper's value)
 MIN_CLUSTER_SIZE = 5  # smaller groups come last (the reference code drops them)
 REFERENCE_ROWS = 1024  # neighbours are searched among at most this many rows of a group
+# A larger pool scores a seeded sample of each group (its share of this many rows, at least
+# MIN_SCORED): the top of the queue takes a group's first few rows only.
+SCORE_ROWS = 20_000
+MIN_SCORED = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +131,7 @@ def typicality_order(
                 if n
                 else np.empty(0, np.int64)
             )
-        typ = _scores_centred(xc, labels, neighbours, REFERENCE_ROWS, seed)
+        typ = _scores_centred(xc, labels, neighbours, REFERENCE_ROWS, seed, SCORE_ROWS)
     del xc
     is_labeled = np.zeros(n, dtype=bool)
     is_labeled[labeled] = True
@@ -191,20 +200,33 @@ def _check_neighbours(neighbours) -> None:
         raise SelectionInputError(f"neighbours must be a whole number >= 1, got {neighbours!r}")
 
 
-def _scores_centred(xc, labels: np.ndarray, neighbours: int, reference_rows: int, seed):
-    """:func:`typicality_scores` on rows already centred (by ``centred_copy``)."""
+def _scores_centred(
+    xc, labels: np.ndarray, neighbours: int, reference_rows: int, seed, score_rows=None
+):
+    """:func:`typicality_scores` on rows already centred (by ``centred_copy``); with more than
+    ``score_rows`` rows, only a seeded sample of each group of that share (at least
+    ``MIN_SCORED`` of it) is scored and the rest keep 0."""
     out = np.zeros(len(xc))
     rng = np.random.default_rng(seed)
     rows_by_group = np.argsort(labels, kind="stable")
     bounds = np.flatnonzero(np.diff(labels[rows_by_group])) + 1
+    share = 1.0 if not score_rows or len(xc) <= score_rows else score_rows / len(xc)
     for members in np.split(rows_by_group, bounds):
-        if len(members) >= 2:
-            out[members] = _group_typicality(xc, members, neighbours, reference_rows, rng)
+        m = len(members)
+        if m < 2:
+            continue
+        scored = None
+        if share < 1.0 and m > MIN_SCORED:
+            count = max(MIN_SCORED, int(round(m * share)))
+            scored = np.sort(rng.choice(m, size=count, replace=False)) if count < m else None
+        rows = members if scored is None else members[scored]
+        out[rows] = _group_typicality(xc, members, neighbours, reference_rows, rng, scored)
     return out
 
 
-def _group_typicality(xc, members, neighbours, reference_rows, rng) -> np.ndarray:
-    """Typicality of the rows ``members`` (one group) of the centred rows ``xc``."""
+def _group_typicality(xc, members, neighbours, reference_rows, rng, scored=None) -> np.ndarray:
+    """Typicality of the rows ``members`` (one group) of the centred rows ``xc``; with
+    ``scored`` (positions in ``members``), of those rows only."""
     m = len(members)
     if m > reference_rows:
         ref_pos = np.sort(rng.choice(m, size=reference_rows, replace=False))
@@ -219,6 +241,8 @@ def _group_typicality(xc, members, neighbours, reference_rows, rng) -> np.ndarra
     # position of each member inside the reference set (-1 if not in it): its own column is masked
     self_col = np.full(m, -1, dtype=np.int64)
     self_col[ref_pos] = np.arange(len(ref_pos))
+    if scored is not None:
+        rows, self_col, m = rows[torch.from_numpy(scored).to(xc.device)], self_col[scored], len(scored)
     self_col = torch.from_numpy(self_col).to(xc.device)
     mean_knn = torch.empty(m, dtype=torch.float64, device=xc.device)
     step = max(1, _TILE_ELEMENTS // len(ref_pos))

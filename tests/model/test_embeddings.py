@@ -90,6 +90,22 @@ def test_parts_are_merged_newest_row_first(tmp_path, monkeypatch):
     assert vectors[2:, 0].tolist() == [10, 11, 12, 13, 14]
 
 
+def test_lookup_in_any_order_with_repeated_keys_and_later_parts_winning(tmp_path):
+    cache = EmbeddingCache(tmp_path, 1)
+    keys = keys_of(6)
+    cache.add("b", keys, np.arange(6, dtype=np.float32)[:, None].repeat(512, axis=1))
+    aligned, missing = cache.lookup("b", keys)  # the pool in the order it was stored: no copy
+    assert len(missing) == 0 and aligned[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    asked = np.concatenate([keys[::-1], keys[2:3], keys_of(1, start=99)])
+    vectors, missing = cache.lookup("b", asked)  # reversed, a key twice, one unknown
+    assert vectors[:, 0].tolist() == [5, 4, 3, 2, 1, 0, 2, 0] and missing.tolist() == [7]
+    cache.add("b", keys[1:2], np.full((1, 512), 50, np.float32))  # a newer row of key 1
+    vectors, missing = cache.lookup("b", keys)
+    assert len(missing) == 0 and vectors[:, 0].tolist() == [0, 50, 2, 3, 4, 5]
+    vectors[0] = 7  # the rows are the caller's to change
+    assert cache.lookup("b", keys)[0][0, 0] == 0
+
+
 def test_only_the_most_recently_used_backbones_are_kept(tmp_path):
     cache = EmbeddingCache(tmp_path, 1, keep=2)
     one = np.zeros((1, 512), np.float32)

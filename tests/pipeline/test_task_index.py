@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import sqlite3
 
 import pytest
 
@@ -74,9 +75,8 @@ def test_full_listings_on_refresh_on_schedule_and_when_turned_off(index):
     index.read(ls, 7, resync_s=600)
     assert index.read(ls, 7, resync_s=600, full=True)[1]["why"] == "refresh"
     assert index.read(ls, 7, resync_s=0)[1]["why"] == "TASK_RESYNC_S=0"
-    state = json.loads(index.path.read_text())
-    state["full_at"] -= 601
-    index.path.write_text(json.dumps(state))
+    with sqlite3.connect(index.path) as db:  # the last full listing, 601 s earlier
+        db.execute("UPDATE state SET value = value - 601 WHERE key = 'full_at'")
     info = index.read(ls, 7, resync_s=600)[1]
     assert info["listing"] == "full" and "TASK_RESYNC_S=600" in info["why"]
     assert index.read(ls, 7, resync_s=600)[1]["listing"] == "changed"
@@ -110,3 +110,50 @@ def test_a_reason_for_a_full_listing_is_reported(index):
     index.read(ls, 7, resync_s=600)
     info = index.read(ls, 7, resync_s=600, full="annotations were deleted")[1]
     assert info == {"listing": "full", "read": 5, "why": "annotations were deleted"}
+
+
+def test_a_job_writes_only_the_rows_that_changed(index, monkeypatch):
+    from ml_backend.pipeline import task_index
+
+    ls = FakeLabelStudio(1000)
+    index.read(ls, 7, resync_s=600)
+    written = []
+    rows = task_index._rows
+    monkeypatch.setattr(task_index, "_rows", lambda tasks: (written.append(r) or r
+                                                            for r in rows(tasks)))  # fmt: skip
+    ls.touch(10, 2000, annotations=[{"id": 1, "result": "Rainy"}])
+    tasks, info = index.read(ls, 7, resync_s=600)
+    # task 10, and the overlap: the tasks of the OVERLAP_S seconds before the newest seen
+    assert info["listing"] == "changed" and [r[0] for r in written] == [10, *range(996, 1001)]
+    assert len(tasks) == 1000 and tasks[9]["annotations"] == [{"id": 1, "result": "Rainy"}]
+    with sqlite3.connect(index.path) as db:
+        assert db.execute("SELECT count(*) FROM tasks").fetchone() == (1000,)
+
+
+def test_a_listing_that_fails_half_way_leaves_the_index_as_it_was(index):
+    ls = FakeLabelStudio(30)
+    index.read(ls, 7, resync_s=600)
+    ls.touch(5, 100, annotations=[{"id": 1, "result": "Sunny"}])
+    listed = ls.iter_tasks
+
+    def broken(pid, updated_after=None):
+        yield from listed(pid, updated_after)
+        raise ConnectionError("Label Studio went away")
+
+    ls.iter_tasks = broken
+    with pytest.raises(ConnectionError):
+        index.read(ls, 7, resync_s=600)
+    with pytest.raises(ConnectionError):
+        index.read(ls, 7, resync_s=600, full=True)
+    assert index.load()["tasks"][4]["annotations"] == []  # nothing half-written
+    ls.iter_tasks = listed
+    tasks, info = index.read(ls, 7, resync_s=600)
+    assert info["listing"] == "changed" and tasks[4]["annotations"][0]["result"] == "Sunny"
+
+
+def test_the_index_of_the_previous_format_is_replaced(index, tmp_path):
+    legacy = index.path.parent / "tasks.json"
+    legacy.parent.mkdir(parents=True)
+    legacy.write_text(json.dumps({"format": 1, "tasks": []}))
+    assert index.read(FakeLabelStudio(3), 7, resync_s=600)[1]["why"] == "no index yet"
+    assert not legacy.exists() and index.path.exists()

@@ -127,6 +127,32 @@ def test_typicality_tiles_and_reference_sample(monkeypatch):
     assert radius[np.argmax(sampled)] < np.quantile(radius, 0.2)
 
 
+def test_a_large_pool_scores_a_sample_of_each_group_and_still_picks_central_rows(monkeypatch):
+    x, blob, centres = blobs([3000, 2000, 1000], d=2, seed=4)
+    monkeypatch.setattr(typ_module, "MIN_SCORED", 50)
+    monkeypatch.setattr(typ_module, "SCORE_ROWS", 600)  # 10%: 300, 200 and 100 rows scored
+    res = typicality_order(x, [], 3, device="cpu")
+    scored = res.typicality > 0
+    assert [int(scored[blob == b].sum()) for b in range(3)] == [300, 200, 100]
+    assert blob[res.order[:3]].tolist() == [0, 1, 2]
+    for row in res.order[:3]:  # the most typical of its group's sample: central (< sigma)
+        assert np.linalg.norm(x[row] - centres[blob[row]]) < 1.0
+    # the group of 1,000 (all its rows are neighbour references): exactly the sample's best
+    sample = np.flatnonzero((blob == 2) & scored)
+    exact = reference_typicality(x, res.cluster, 20)
+    assert res.order[2] == sample[np.argmax(exact[sample])]
+    np.testing.assert_allclose(res.typicality[sample], exact[sample], rtol=1e-4)
+    # per group, the scored rows come first, the others after them in row order
+    for b in range(3):
+        queue = [r for r in res.order.tolist() if blob[r] == b]
+        assert all(scored[queue[: scored[blob == b].sum()]])
+        rest = queue[scored[blob == b].sum() :]
+        assert rest == sorted(rest) and not scored[rest].any()
+    # below SCORE_ROWS every row is scored, as before
+    monkeypatch.setattr(typ_module, "SCORE_ROWS", 6000)
+    assert (typicality_order(x, [], 3, device="cpu").typicality > 0).all()
+
+
 def test_typical_point_of_a_blob_is_near_its_centre():
     x, _, centres = blobs([800], d=2, seed=1)
     res = typicality_order(x, [], 1, device="cpu")
