@@ -242,7 +242,11 @@ def _group_typicality(xc, members, neighbours, reference_rows, rng, scored=None)
     self_col = np.full(m, -1, dtype=np.int64)
     self_col[ref_pos] = np.arange(len(ref_pos))
     if scored is not None:
-        rows, self_col, m = rows[torch.from_numpy(scored).to(xc.device)], self_col[scored], len(scored)
+        rows, self_col, m = (
+            rows[torch.from_numpy(scored).to(xc.device)],
+            self_col[scored],
+            len(scored),
+        )
     self_col = torch.from_numpy(self_col).to(xc.device)
     mean_knn = torch.empty(m, dtype=torch.float64, device=xc.device)
     step = max(1, _TILE_ELEMENTS // len(ref_pos))
