@@ -259,6 +259,34 @@ def test_empty_and_progress(fake, cache, caplog):
     assert len(ok) == 120 and "images: 120/120 (100%), 120 from cache" in caplog.text
 
 
+def test_lazy_fetch_of_a_cached_pool_starts_no_threads_and_fetches_only_misses(
+    fake, cache, monkeypatch, caplog
+):
+    """Cache hits are checked in the calling thread (a stat each); only misses go to the
+    fetch pool, and the progress lines count hits and misses together."""
+    from ml_backend.labelstudio import images
+
+    fake.files["up.png"] = png_bytes()
+    items = [(i, f"/data/upload/1/up.png?{i}") for i in range(150)]
+    cache.fetch_arrays(items[:120])
+    real_pool, submitted = images.ThreadPoolExecutor, []
+
+    class Counting(real_pool):
+        def map(self, fn, iterable):
+            iterable = list(iterable)
+            submitted.extend(iterable)
+            return super().map(fn, iterable)
+
+    monkeypatch.setattr(images, "ThreadPoolExecutor", Counting)
+    with caplog.at_level(logging.INFO, logger="ml_backend.labelstudio.images"):
+        _, ok, failures = cache.fetch_lazy(items)
+    assert ok == list(range(150)) and failures == {} and submitted == list(range(120, 150))
+    assert "images: 150/150 (100%), 120 from cache" in caplog.text
+    submitted.clear()
+    _, ok, _ = cache.fetch_lazy(items)
+    assert ok == list(range(150)) and submitted == []
+
+
 def test_native_sizes_read_headers_and_leave_out_broken_images(settings):
     def uri(width, height):
         buf = io.BytesIO()

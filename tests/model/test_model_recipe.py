@@ -93,6 +93,48 @@ def test_heads_score_in_blocks_and_draw_pseudo_labels_from_a_bounded_sample(pool
     assert seen == [25] and out.weight.shape == (3, emb.shape[1])
 
 
+def test_warm_started_heads_end_where_cold_ones_do_in_fewer_steps(pool, monkeypatch):
+    """``fit_head(init=...)`` starts L-BFGS from another head (a pseudo-label round from the
+    round before): the same optimum within the solver's tolerance, multinomial and binary, and
+    fewer iterations; a head that lacks a class now labeled is no starting point."""
+    from sklearn.linear_model import LogisticRegression
+
+    from ml_backend.model import recipe
+
+    _, y, emb, _, _ = pool
+    mean, scale = recipe.column_stats(emb)
+    iterations = []
+    real_fit = LogisticRegression.fit
+
+    def fit(self, *args, **kwargs):
+        out = real_fit(self, *args, **kwargs)
+        iterations.append((bool(self.warm_start), int(self.n_iter_[0])))
+        return out
+
+    monkeypatch.setattr(LogisticRegression, "fit", fit)
+    for rows in (np.arange(60), np.flatnonzero(y < 2)[:60]):  # three classes, then two
+        first = fit_head(emb[rows[:40]], y[rows[:40]], 3, mean=mean, scale=scale, c=0.5)
+        cold = fit_head(emb[rows], y[rows], 3, mean=mean, scale=scale, c=0.5)
+        warm = fit_head(emb[rows], y[rows], 3, mean=mean, scale=scale, c=0.5, init=first)
+        (_, _), (_, n_cold), (was_warm, n_warm) = iterations[-3:]
+        assert was_warm and n_warm < n_cold
+        # both stop at the tolerance: near-ties may move a little, decisions do not
+        np.testing.assert_allclose(warm.probs(emb), cold.probs(emb), atol=0.1)
+        assert (warm.probs(emb).argmax(1) == cold.probs(emb).argmax(1)).mean() > 0.97
+    two = fit_head(emb[:60][y[:60] < 2], y[:60][y[:60] < 2], 3, mean=mean, scale=scale, c=0.5)
+    fit_head(emb[:60], y[:60], 3, mean=mean, scale=scale, c=0.5, init=two)
+    assert iterations[-1][0] is False  # class 2 had no weights in ``two``
+
+
+def test_column_stats_match_numpy_block_by_block(pool, monkeypatch):
+    from ml_backend.model import recipe
+
+    _, _, emb, _, _ = pool
+    mean, scale = recipe.column_stats(emb, block=7)
+    np.testing.assert_allclose(mean, emb.mean(0, dtype=np.float64), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(scale, emb.std(0, dtype=np.float64) + 1e-6, rtol=1e-6)
+
+
 def test_two_labels_of_two_classes(pool):
     _, y, _, _, _ = pool
     rows = [int(np.flatnonzero(y == 0)[0]), int(np.flatnonzero(y == 1)[0])]
