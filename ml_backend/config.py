@@ -105,6 +105,12 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "SEED": ("0", "Random seed for splits, initialisation and augmentation."),
     "INFERENCE_BATCH_SIZE": ("256", "Batch size for whole-pool inference."),
+    "EMBED_CHUNK": (
+        "10000",
+        "A job with more images than this to embed under one backbone splits them into chunks "
+        "of this many, which every worker on the same Redis helps embed (the job too); "
+        "0: a job embeds alone.",
+    ),
     "STRATEGY": (
         "auto",
         "Queue order: auto (typicality until the model is trusted, then diversified), "
@@ -213,6 +219,7 @@ BOUNDS: dict[str, tuple[int, int]] = {
     "EPOCHS": (0, 200),
     "BATCH_SIZE": (1, 4096),
     "INFERENCE_BATCH_SIZE": (1, 8192),
+    "EMBED_CHUNK": (0, 10_000_000),
     "QUEUE_BATCH": (1, 1000),
     "SHORTLIST_FACTOR": (1, 100),
     "KEEP_VERSIONS": (1, 100),
@@ -409,6 +416,7 @@ class Settings:
     val_fraction: float = 0.2
     seed: int = 0
     inference_batch_size: int = 256
+    embed_chunk: int = 10_000
     strategy: str = "auto"
     uncertainty: str = "entropy"
     queue_batch: int = 20
@@ -478,6 +486,7 @@ class Settings:
             inference_batch_size=_int(
                 "INFERENCE_BATCH_SIZE", get("INFERENCE_BATCH_SIZE"), minimum=1
             ),
+            embed_chunk=_int("EMBED_CHUNK", get("EMBED_CHUNK"), minimum=0),
             strategy=_choice("STRATEGY", get("STRATEGY"), STRATEGIES),
             uncertainty=_choice("UNCERTAINTY", get("UNCERTAINTY"), UNCERTAINTY_MEASURES),
             queue_batch=_int("QUEUE_BATCH", get("QUEUE_BATCH"), minimum=1),

@@ -20,7 +20,7 @@ from rq.worker import DequeueStrategy
 
 from ml_backend.config import Settings
 from ml_backend.errors import ConfigError
-from ml_backend.jobs import pretraining, queue
+from ml_backend.jobs import fanout, pretraining, queue
 from ml_backend.jobs.lease import Reconciler
 
 log = logging.getLogger(__name__)
@@ -36,11 +36,14 @@ def dequeue_strategy(settings: Settings) -> str:
 
 
 def build_worker(settings: Settings, redis: Redis) -> SimpleWorker:
-    """A ``SimpleWorker`` (no fork per job) listening on ``settings.rq_queue`` and on the
-    pretraining queue (``jobs.pretraining``), in that order (see ``dequeue_strategy``)."""
+    """A ``SimpleWorker`` (no fork per job) listening on the embedding helpers' queue
+    (``jobs.fanout``: chunks of a running job's pool, so they come first), on
+    ``settings.rq_queue`` and on the pretraining queue (``jobs.pretraining``), in that order
+    (see ``dequeue_strategy``)."""
     queue.use_settings(settings)
     name = f"ml-backend-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     queues = [
+        Queue(fanout.queue_name(settings), connection=redis),
         queue.rq_queue(redis, settings),
         Queue(pretraining.queue_name(settings), connection=redis),
     ]

@@ -501,6 +501,11 @@ class CachedImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    @property
+    def items(self) -> list[tuple[int, str]]:
+        """``(task id, URL)`` of each row."""
+        return self._items
+
     def __getitem__(self, index):
         if isinstance(index, tuple):  # rows first, then the rest on what was read
             if not index:

@@ -180,6 +180,7 @@ def cached_embeddings(
     keys: np.ndarray | None,
     embed: Callable[[np.ndarray], np.ndarray],
     backbone: str | None = None,
+    embed_rows: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Embeddings of ``images`` under ``model``'s backbone, computing only the missing rows.
 
@@ -190,6 +191,9 @@ def cached_embeddings(
         keys: the image keys (``S16 [N]``), or None (no cache).
         embed: computes ``float32 [n, 512]`` embeddings of a ``uint8`` batch of images.
         backbone: ``backbone_key(model, size)`` when the caller has it (hashing costs ~50 ms).
+        embed_rows: computes the embeddings of the missing rows (indices into ``images``) when
+            the caller does it its own way (``jobs.fanout``: over every worker); None: ``embed``
+            here.
 
     Returns:
         ``(embeddings, info)``, ``info`` saying how many rows came from the cache and how long
@@ -202,7 +206,9 @@ def cached_embeddings(
     if backbone is None:
         backbone = backbone_key(model, images.shape[1] if images.ndim == 4 else 0)
     vectors, missing = cache.lookup(backbone, keys)
-    if len(missing) == len(images):
+    if embed_rows is not None and len(missing):
+        vectors[missing] = embed_rows(missing)
+    elif len(missing) == len(images):
         vectors = embed(images)  # the whole pool: read it in order, no copy
     else:
         for start in range(0, len(missing), CHUNK):

@@ -401,10 +401,21 @@ def _embeddings(run: _Run, model, pool: Pool) -> np.ndarray:
     if backbone in run.embedding_memo:
         run.lap("predict", t0)
         return run.embedding_memo[backbone]
+
+    def fanned_out(rows):
+        from ml_backend.jobs import fanout  # the queue side, by name
+
+        return fanout.embed_rows(
+            run.redis, run.settings, project_id=run.project_id, model=model, backbone=backbone,
+            image_size=int(pool.images.shape[1]), items=getattr(pool.images, "items", None),
+            rows=rows, compute=lambda part: compute(pool.images[part]),
+        )  # fmt: skip
+
     cache = EmbeddingCache(run.settings.model_dir, run.project_id)
     embeddings, info = cached_embeddings(
-        cache, model, pool.images, pool.image_keys, compute, backbone=backbone
-    )
+        cache, model, pool.images, pool.image_keys, compute, backbone=backbone,
+        embed_rows=fanned_out if run.redis is not None else None,
+    )  # fmt: skip
     run.embedding_memo[backbone] = embeddings
     run.lap("predict", t0)
     run.embedded["cached"] += info["cached"]

@@ -155,7 +155,8 @@ def test_a_failing_pretraining_is_recorded_redacted_and_held_back(redis_conn, se
 
 
 def test_label_studio_down_during_a_pretraining_is_retried_by_the_reconciler(redis_conn, settings):
-    settings = settings.with_overrides(job_retry_s=1.0)
+    # 3 s: long enough that a loaded machine still asks before the retry is due
+    settings = settings.with_overrides(job_retry_s=3.0)
     p.request_pretraining(
         redis_conn, settings, 2, "no backbone", fixtures.pretrain_label_studio_down
     )
@@ -164,7 +165,7 @@ def test_label_studio_down_during_a_pretraining_is_retried_by_the_reconciler(red
     assert record["state"] == "failed" and record["retry"] is True
     assert "LabelStudioUnavailable" in record["error"]
     assert Reconciler(redis_conn, settings).run_once() == []  # not before JOB_RETRY_S
-    time.sleep(1.1)
+    time.sleep(3.1)
     done = Reconciler(redis_conn, settings).run_once()
     assert [d for d in done if d.get("pretraining")], done
     assert StatusStore(redis_conn).pretraining(2)["reason"] == "retry"

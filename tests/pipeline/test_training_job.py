@@ -533,6 +533,39 @@ def test_with_a_queue_the_backbone_is_pretrained_by_a_job_of_its_own(
     assert again["outcome"].startswith("not needed")
 
 
+def test_with_a_queue_a_large_embedding_is_fanned_out_in_chunks(
+    world, job_settings, redis_conn, caplog
+):
+    """Past EMBED_CHUNK missing rows the job publishes chunks and asks for helpers; with no
+    other worker it embeds every chunk itself, and the rows land in the cache in order."""
+    import logging
+
+    from rq import Queue
+
+    from ml_backend.jobs import fanout
+    from ml_backend.model.embeddings import EmbeddingCache, image_key
+
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    settings = job_settings.with_overrides(embed_chunk=40)
+    client, status = FakeLabelStudio(tasks), StatusStore(redis_conn)
+    with caplog.at_level(logging.INFO, logger="ml_backend.jobs.fanout"):
+        done = train_project(1, "ANNOTATION_CREATED", settings=settings, status=status,
+                             client=client, image_cache=cache, redis=redis_conn)  # fmt: skip
+    assert done["outcome"] == "trained" and done["metrics"]["embedded"]["computed"] == 150
+    assert "embedding 150 images in 4 chunks of 40, with up to 3 helper jobs" in caplog.text
+    assert "4 chunks embedded here, 0 by helpers" in caplog.text
+    helpers = Queue(fanout.queue_name(settings), connection=redis_conn).get_jobs()
+    assert len(helpers) == 3 and not list(redis_conn.scan_iter("mlb:fanout:*"))
+    assert fanout.embed_chunks(helpers[0].args[0], settings, redis_conn)["chunks"] == 0
+    folders = list((EmbeddingCache(settings.model_dir, 1).dir).iterdir())
+    assert len(folders) == 1  # one backbone (the PRETRAINED weights), all 150 rows stored
+    keys = np.array([image_key(t["data"]["image"]) for t in tasks], dtype="S16")
+    vectors, missing = EmbeddingCache(settings.model_dir, 1).lookup(folders[0].name, keys)
+    assert len(missing) == 0 and np.abs(vectors).sum(axis=1).min() > 0
+
+
 def indexed_project(world, job_settings, redis_conn, **overrides):
     """Project 1 after one training job with a queue: its task index written, a pretraining job
     asked for (not run). Returns ``(settings, client, status, cache)``."""
