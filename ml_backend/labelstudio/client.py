@@ -221,8 +221,20 @@ class LabelStudioClient(WebhookAuth):
 
     # -- projects and tasks -----------------------------------------------------------------
 
-    def project(self, pid: int) -> dict:
-        """The project as a dict (``label_config``, ``model_version``, ``sampling``, ...)."""
+    def project(self, pid: int, fields: tuple[str, ...] | None = None) -> dict:
+        """The project as a dict (``label_config``, ``model_version``, ``sampling``, ...).
+
+        ``fields``: only these (``?include=``). Label Studio computes every count of the
+        project for a plain read (0.3 s at 100,000 tasks, seconds while it imports); a job
+        reads the project several times, so it asks for what it uses (0.05 s there)."""
+        if fields:
+            got = self._call(
+                f"reading project {pid}",
+                lambda: self._raw("GET", f"/api/projects/{int(pid)}/",
+                                  params={"include": ",".join(fields)}),
+                project=pid,
+            )  # fmt: skip
+            return got.json()
         got = self._call(
             f"reading project {pid}", lambda: self.sdk.projects.get(id=pid), project=pid
         )
@@ -230,7 +242,7 @@ class LabelStudioClient(WebhookAuth):
 
     def label_spec(self, pid: int) -> LabelSpec:
         """The project's Image + Choices pair (raises LabelConfigError when it has none)."""
-        return parse_config(self.project(pid)["label_config"])
+        return parse_config(self.project(pid, fields=("label_config",))["label_config"])
 
     def iter_tasks(self, pid: int, updated_after: str | None = None) -> Iterator[dict]:
         """Every task of the project with full annotations, one page in memory at a time; with

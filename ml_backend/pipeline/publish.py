@@ -176,7 +176,7 @@ def _switch(client, project_id: int, version: str) -> None:
         client.activate_version(project_id, version)
     except Exception:
         try:
-            shown = client.project(project_id).get("model_version")
+            shown = client.project(project_id, fields=("model_version",)).get("model_version")
         except Exception:
             shown = None
         if shown != version:
@@ -191,7 +191,7 @@ def prune(client, project_id: int, current: str, ledger, grace: float) -> dict:
     ours = [name for name in existing if is_backend_version(name)]
     if ledger is None:
         return {"versions_in_label_studio": len(ours), "versions_deleted": []}
-    shown = client.project(project_id).get("model_version")
+    shown = client.project(project_id, fields=("model_version",)).get("model_version")
     keep = {current, shown}
     now = ledger.now()
     ledger.mark_superseded(project_id, [n for n in ours if n not in keep], now)

@@ -177,7 +177,11 @@ class TaskIndex:
                 return done
         started = time.time()
         tasks = sorted(client.iter_tasks(project_id), key=lambda t: int(t["id"]))
-        expected = None if resync_s <= 0 else client.project(project_id).get("task_number")
+        expected = (
+            None
+            if resync_s <= 0
+            else client.project(project_id, fields=("task_number",)).get("task_number")
+        )
         unlisted = 0 if expected is None else max(0, int(expected) - len(tasks))
         self.save(tasks, started, unlisted)
         return tasks, {"listing": "full", "read": len(tasks), "why": why}
@@ -198,7 +202,7 @@ class TaskIndex:
             changed = list(client.iter_tasks(project_id, updated_after=after))
             # The project's task count against the index (less what a full listing did not
             # return, e.g. tasks Label Studio does not list): a difference means deleted tasks.
-            expected = client.project(project_id).get("task_number")
+            expected = client.project(project_id, fields=("task_number",)).get("task_number")
             unlisted = int(state.get("unlisted") or 0)
             db.execute("BEGIN IMMEDIATE")
             try:

@@ -78,7 +78,7 @@ class RecordingClient:
         if self.lose_switch_reply:
             raise TimeoutError("read timed out")
 
-    def project(self, pid):
+    def project(self, pid, fields=None):
         return {"model_version": self.shown}
 
     def ensure_queue_view(self, pid):

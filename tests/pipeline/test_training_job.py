@@ -71,7 +71,7 @@ class FakeLabelStudio:
         self.calls.append(("activate", version))
         self.shown = version
 
-    def project(self, pid):
+    def project(self, pid, fields=None):
         return {"id": pid, "model_version": self.shown}
 
     def stored_task(self, task_id):
