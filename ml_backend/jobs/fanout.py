@@ -16,11 +16,16 @@ back (``float32 [EMBED_CHUNK, 512]``, 20 MB at 10,000 rows; the job reads and de
 comes). Images come from the helper's own image cache, fetched from Label Studio (or the
 storage's URL) where that worker has not cached them yet.
 
+Redis holds a bounded slice of the pool whatever its size: at most ``AHEAD`` chunks are out at
+a time (offered, being embedded, or with a result not read yet); a thread of the job reads
+results and offers the next chunk as each comes in, also while the job embeds one itself.
+
 Faults: a helper holds a claim on its chunk for ``JOB_LEASE_S`` and renews it while it works. A
 chunk whose claim lapsed without a result (the helper was killed), or that its helper gave back
-(an image it could not fetch, an error), is embedded by the job itself. Every key expires after
-``JOB_TIMEOUT``; the job deletes them when it is done, and a helper that starts after that finds
-nothing and ends. The helper's network must hash to the job's backbone key (``backbone_key``),
+(an image it could not fetch, an error), is embedded by the job itself. Helpers wait for more
+chunks while the job is alive (a key its thread renews); a killed job's lapses within
+``JOB_LEASE_S`` and they end. Every key expires after ``JOB_TIMEOUT``; the job deletes them when
+it is done, and a helper that starts after that finds nothing and ends. The helper's network must hash to the job's backbone key (``backbone_key``),
 so a damaged transfer is refused, not embedded.
 """
 
@@ -47,6 +52,9 @@ log = logging.getLogger(__name__)
 MAX_HELPERS = 16
 # Seconds between two looks for helpers' results once no chunk is left to take.
 POLL_S = 0.2
+# Chunks out at a time (offered, being embedded, or with a result not yet read): bounds what a
+# fan-out keeps in Redis (about 1 MB of items and up to 20 MB of embeddings per chunk of 10,000).
+AHEAD = MAX_HELPERS + 2
 
 # Pop a chunk and claim it in one step, so the job never sees a chunk that is neither waiting,
 # claimed nor done.
@@ -109,7 +117,7 @@ def embed_rows(
         project_id, len(rows), len(chunks), chunk, helpers, queue_name(settings),
     )  # fmt: skip
     try:
-        return _join(redis, settings, token, project_id, chunks, compute)
+        return _join(redis, settings, token, project_id, chunks, compute, items)
     finally:
         _cleanup(redis, token, len(chunks))
 
@@ -131,6 +139,8 @@ def _dim() -> int:
 
 
 def _publish(redis, settings, token, model, backbone, image_size, items, chunks) -> int:
+    """The weights and meta, the first ``AHEAD`` chunks, and the helper jobs; returns how many
+    helpers were asked for."""
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     ttl = int(settings.job_timeout)
@@ -139,11 +149,9 @@ def _publish(redis, settings, token, model, backbone, image_size, items, chunks)
     pipe = redis.pipeline()
     pipe.set(_key(token, "meta"), json.dumps(meta), ex=ttl)
     pipe.set(_key(token, "weights"), buf.getvalue(), ex=ttl)
-    for i, rows in enumerate(chunks):
-        pipe.set(_key(token, "chunk", i), json.dumps([list(items[r]) for r in rows]), ex=ttl)
-    pipe.rpush(_key(token, "todo"), *range(len(chunks)))
-    pipe.expire(_key(token, "todo"), ttl)
+    pipe.set(_key(token, "alive"), "1", ex=max(1, int(settings.job_lease_s)))
     pipe.execute()
+    _offer(redis, token, items, chunks, range(min(AHEAD, len(chunks))), ttl)
     helpers = min(len(chunks) - 1, MAX_HELPERS)
     queue = Queue(queue_name(settings), connection=redis)
     for _ in range(helpers):
@@ -152,42 +160,104 @@ def _publish(redis, settings, token, model, backbone, image_size, items, chunks)
     return helpers
 
 
-def _join(redis, settings, token, project_id, chunks, compute) -> np.ndarray:
+def _offer(redis, token, items, chunks, which, ttl: int) -> None:
+    """Put chunks ``which`` (their items, then their numbers on the to-do list) in Redis."""
+    which = list(which)
+    if not which:
+        return
+    pipe = redis.pipeline()
+    for i in which:
+        pipe.set(_key(token, "chunk", i), json.dumps([list(items[r]) for r in chunks[i]]), ex=ttl)
+    pipe.rpush(_key(token, "todo"), *which)
+    pipe.expire(_key(token, "todo"), ttl)
+    pipe.execute()
+
+
+def _join(redis, settings, token, project_id, chunks, compute, items) -> np.ndarray:
+    """Take chunks and collect the helpers' results until every chunk is in. At most ``AHEAD``
+    chunks are out (offered, claimed or with a result waiting) at a time, so Redis holds a
+    bounded slice of a pool of any size; a thread collects results and offers the next chunks
+    while this one embeds, so fast helpers never wait on the job's own chunk."""
     starts = np.cumsum([0] + [len(c) for c in chunks])
     out = np.empty((int(starts[-1]), _dim()), dtype=np.float32)
     claim = redis.register_script(_CLAIM)
-    pending, mine, theirs = set(range(len(chunks))), 0, 0
+    n, ttl = len(chunks), int(settings.job_timeout)
+    first = min(AHEAD, n)
+    state = {"offered": first, "mine": 0, "theirs": 0}
+    pending, lock, stop = set(range(first)), threading.Lock(), threading.Event()
     lease = str(max(1, int(settings.job_lease_s)))
-    while pending:
-        taken = claim(keys=[_key(token, "todo")], args=[_key(token, "claim", ""), "job", lease])
-        if taken is not None:
-            i = int(taken)
-            out[starts[i] : starts[i + 1]] = compute(chunks[i])
-            redis.delete(_key(token, "claim", i))
+
+    def place(i: int, vectors: np.ndarray, who: str) -> None:
+        following = None
+        with lock:
+            if i not in pending:  # both sides read it: the first one counts
+                return
+            out[starts[i] : starts[i + 1]] = vectors
             pending.discard(i)
-            mine += 1
-            continue
-        for i in sorted(pending):
+            state[who] += 1
+            if state["offered"] < n:  # one in, one more out
+                following = state["offered"]
+                state["offered"] += 1
+                pending.add(following)
+        redis.delete(_key(token, "chunk", i))
+        if following is not None:
+            _offer(redis, token, items, chunks, [following], ttl)
+
+    def collect() -> None:
+        with lock:
+            waiting = sorted(pending)
+        for i in waiting:
             got = _result(redis, token, i, len(chunks[i]))
-            if got is None and not redis.exists(_key(token, "claim", i)):
-                got = _result(redis, token, i, len(chunks[i]))  # written as the claim went
-                if got is None:
-                    log.warning(
-                        "project %s: chunk %d of %d came back without embeddings (its helper "
-                        "stopped or gave it back); embedding it here", project_id, i, len(chunks),
-                    )  # fmt: skip
-                    got = compute(chunks[i])
-                    mine += 1
-                else:
-                    theirs += 1
-            elif got is not None:
-                theirs += 1
             if got is not None:
-                out[starts[i] : starts[i + 1]] = got
-                pending.discard(i)
-        if pending:
+                place(i, got, "theirs")
+
+    def collector() -> None:
+        while not stop.wait(POLL_S):
+            try:
+                redis.set(_key(token, "alive"), "1", ex=int(lease))  # helpers wait while it is
+                collect()
+            except Exception as exc:  # noqa: BLE001 - the main loop collects too
+                log.warning("fan-out %s: results not collected (%s)", token, exc)
+
+    thread = threading.Thread(target=collector, name=f"fanout-{token}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with lock:
+                if not pending:
+                    break
+            taken = claim(keys=[_key(token, "todo")], args=[_key(token, "claim", ""), "job", lease])
+            if taken is not None:
+                i = int(taken)
+                vectors = compute(chunks[i])
+                redis.delete(_key(token, "claim", i))
+                place(i, vectors, "mine")
+                continue
+            # Nothing to take: every pending chunk is claimed or has its result on the way.
+            collect()
+            with lock:
+                waiting = sorted(pending)
+            for i in waiting:
+                if redis.exists(_key(token, "claim", i)):
+                    continue
+                got = _result(redis, token, i, len(chunks[i]))  # written as the claim went
+                if got is not None:
+                    place(i, got, "theirs")
+                    continue
+                with lock:
+                    if i not in pending:
+                        continue
+                log.warning(
+                    "project %s: chunk %d of %d came back without embeddings (its helper "
+                    "stopped or gave it back); embedding it here", project_id, i, n,
+                )  # fmt: skip
+                place(i, compute(chunks[i]), "mine")
             time.sleep(POLL_S)
-    log.info("project %s: %d chunks embedded here, %d by helpers", project_id, mine, theirs)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    log.info("project %s: %d chunks embedded here, %d by helpers", project_id, state["mine"],
+             state["theirs"])  # fmt: skip
     return out
 
 
@@ -204,7 +274,7 @@ def _result(redis, token: str, i: int, n: int) -> np.ndarray | None:
 
 
 def _cleanup(redis, token: str, n: int) -> None:
-    keys = [_key(token, name) for name in ("meta", "weights", "todo")]
+    keys = [_key(token, name) for name in ("meta", "weights", "todo", "alive")]
     keys += [_key(token, kind, i) for i in range(n) for kind in ("chunk", "claim", "result")]
     try:
         redis.delete(*keys)
@@ -268,7 +338,12 @@ def embed_chunks(token: str, settings: Settings | None = None, redis=None) -> di
     while True:
         taken = claim(keys=[_key(token, "todo")], args=[_key(token, "claim", ""), name, lease])
         if taken is None:
-            return {"chunks": done}
+            # Nothing offered right now: more come as the job reads results, while it is alive
+            # (its collector renews ``alive``; a killed job's lapses within JOB_LEASE_S).
+            if not redis.exists(_key(token, "alive")):
+                return {"chunks": done}
+            time.sleep(POLL_S)
+            continue
         i = int(taken)
         claim_key = _key(token, "claim", i)
         try:

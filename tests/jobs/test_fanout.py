@@ -149,3 +149,18 @@ def test_no_fan_out_for_few_rows_without_redis_or_without_urls(redis_conn, pool)
         assert got.shape == (len(rows), 512) and sum(calls) == len(rows)
         assert max(calls) <= 10 and _left(redis_conn) == []
     assert Queue("worker-test-embed", connection=redis_conn).count == 0
+
+
+def test_redis_holds_at_most_ahead_chunks_of_a_pool_of_any_size(redis_conn, pool, monkeypatch):
+    settings, items, arrays, model = pool
+    monkeypatch.setattr(fanout, "AHEAD", 2)
+    out = []
+
+    def compute(part):
+        out.append(len(list(redis_conn.scan_iter("mlb:fanout:*:chunk:*"))))
+        return _embed(model, arrays[part])
+
+    got = _fan_out(redis_conn, settings.with_overrides(rq_queue="nobody"), items, arrays, model,
+                   compute=compute)  # fmt: skip
+    np.testing.assert_allclose(got, _embed(model, arrays), atol=1e-4)
+    assert len(out) == 6 and max(out) <= 2 and _left(redis_conn) == []
