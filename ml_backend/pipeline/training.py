@@ -81,6 +81,12 @@ SIZE_SAMPLE = 64
 # From FINETUNE_MIN_LABELS labels a job fine-tunes again (after its head version is live) when
 # the labels have grown by this factor since the last fine-tune; jobs between are heads only.
 FINETUNE_AGAIN_AT = 1.5
+# The backbones (the project's own, the PRETRAINED weights, the last fine-tuned network) are
+# compared by cross-validation when one of them is new and when the labels have grown by this
+# factor since the last comparison; the jobs between fit heads on the winner only (at 100,000
+# tasks that saves reading a second backbone's embeddings and a second cross-validation:
+# ~3 s of a label's way to the new order).
+COMPARE_AGAIN_AT = 1.25
 # Acceptance counts as evidence for ``auto`` from this many scored pre-annotations on.
 MIN_ACCEPTANCE_N = 20
 QUEUE_KNOBS = ("strategy", "uncertainty", "queue_batch", "shortlist_factor", "queue_depth", "seed",
@@ -471,8 +477,11 @@ def _retrain(run: _Run, spec, pool: Pool) -> dict:
             candidates.append(
                 (name, tuned_state, f"fine-tuned {name}", float(meta["val_accuracy"]))
             )
+        candidates, kept = _keep_choice(run, pool, previous if same_labels else None, candidates)
         model, fitted = _train(run, pool, candidates)
         metrics.update(fitted)
+        if kept:
+            metrics.update(kept)
     else:
         log.info(
             "project %s: labeled set unchanged since %s; re-ranking without retraining",
@@ -619,7 +628,36 @@ def _finetune(run: _Run, pool: Pool, backbone: str, state: dict):
 
 
 REUSED_METRICS = ("val_accuracy", "val_size", "train_size", "served", "why", "candidates",
-                  "served_backbone", "backbones_tried")  # fmt: skip
+                  "served_backbone", "backbones_tried", "backbones_compared_at",
+                  "backbone_choice")  # fmt: skip
+
+
+def _keep_choice(run: _Run, pool: Pool, previous, candidates: list[tuple]):
+    """``(candidates, kept)``: only the backbone the previous version was served on, with the
+    comparison it won (``kept``: metrics to carry over), while the same backbones are in the
+    running and the labels have grown by less than ``COMPARE_AGAIN_AT`` since that comparison;
+    else every candidate and None."""
+    if previous is None or len(candidates) < 2:
+        return candidates, None
+    m = previous.metrics
+    tried, at, served = (
+        m.get("backbones_tried") or {},
+        m.get("backbones_compared_at"),
+        m.get("served_backbone"),
+    )
+    names = [c[0] for c in candidates]
+    if at is None or set(tried) != set(names) or served not in names:
+        return candidates, None
+    again = int(np.ceil(COMPARE_AGAIN_AT * int(at)))
+    if pool.n_labeled >= again:
+        return candidates, None
+    others = ", ".join(name for name in names if name != served)
+    log.info("project %s: heads on %s only (it won over %s at %d labels; compared again from %d)",
+             run.project_id, served, others, at, again)  # fmt: skip
+    kept = {"backbones_tried": tried, "backbones_compared_at": int(at),
+            "backbone_choice": f"{served}, which won over {others} at {at} labels; compared "
+                               f"again from {again} labels"}  # fmt: skip
+    return [c for c in candidates if c[0] == served], kept
 
 
 def _train(run: _Run, pool: Pool, candidates: list[tuple]):
@@ -670,6 +708,9 @@ def _train(run: _Run, pool: Pool, candidates: list[tuple]):
         tried,
     )
     extra = {"retrained": True, "served_backbone": name, "backbones_tried": tried}
+    if len(candidates) > 1:
+        extra["backbones_compared_at"] = len(labeled)
+        extra["backbone_choice"] = f"{name}, by cross-validation over {len(labeled)} labels"
     if source == "PRETRAINED":
         extra["served"] = f"{fitted.get('served')} on the {name}"
     return model, {**fitted, **extra}

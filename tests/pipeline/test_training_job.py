@@ -402,18 +402,30 @@ def test_each_image_is_embedded_once_per_backbone(world, job_settings, redis_con
     for i in range(30):
         tasks[i]["annotations"] = [choice(labels[i])]
     client, status = FakeLabelStudio(tasks[:140]), StatusStore(redis_conn)
-    first = run(job_settings, client, cache, status)["metrics"]["embedded"]
+    first_metrics = run(job_settings, client, cache, status)["metrics"]
+    first = first_metrics["embedded"]
     # The self-supervised backbone and the PRETRAINED one each embed the pool once; the served
     # head sits on one of them, so its predictions need no third pass, nor a second cache read.
     assert first == {"cached": 0, "computed": 280}
-    # Ten new tasks and a new label: only the new images are embedded (under both backbones).
+    # Ten new tasks and a new label: only the new images are embedded, and only under the
+    # backbone that won the comparison (31 labels < 1.25 x 30: not compared again yet).
     client.tasks = tasks
     tasks[40]["annotations"] = [choice(labels[40])]
     second = run(job_settings, client, cache, status)
     assert second["outcome"] == "trained"
-    assert second["metrics"]["embedded"] == {"cached": 2 * 140, "computed": 20}
+    assert second["metrics"]["embedded"] == {"cached": 140, "computed": 10}
+    assert second["metrics"]["backbones_compared_at"] == 30
+    assert second["metrics"]["served_backbone"] == first_metrics["served_backbone"]
+    assert set(second["metrics"]["backbones_tried"]) == {"b1", "PRETRAINED weights"}
+    # From 38 labels (1.25 x 30) both backbones are compared again: the other one embeds the
+    # ten new images now.
+    for i in range(41, 48):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    compared = run(job_settings, client, cache, status)["metrics"]
+    assert compared["backbones_compared_at"] == 38 and compared["embedded"]["computed"] == 10
+    assert compared["backbone_choice"].endswith("by cross-validation over 38 labels")
     # One more label, no new image: every embedding is cached, so no pixel is read at all.
-    tasks[41]["annotations"] = [choice(labels[41])]
+    tasks[48]["annotations"] = [choice(labels[48])]
     cache.rows_read = 0
     third = run(job_settings, client, cache, status)
     assert third["outcome"] == "trained" and third["metrics"]["embedded"]["computed"] == 0
