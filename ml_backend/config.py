@@ -195,7 +195,8 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "RQ_QUEUE": (
         "ml-backend",
         "Name of the RQ queue (several deployments may share one Redis); pretraining jobs go to "
-        "`<RQ_QUEUE>-pretrain`, which every worker also serves.",
+        "`<RQ_QUEUE>-pretrain` and embedding helpers to `<RQ_QUEUE>-embed`, which every worker "
+        "also serves.",
     ),
     "RUN_WORKERS": (
         "auto",

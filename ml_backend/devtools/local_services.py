@@ -101,6 +101,7 @@ class LabelStudioServer:
             document root) and ``label-studio.log``.
         port: port to listen on (a free one when None).
         username: admin e-mail; ``password`` and ``token`` are generated when None.
+        extra_env: more variables for Label Studio (a feature flag a benchmark turns on).
     """
 
     def __init__(
@@ -110,8 +111,10 @@ class LabelStudioServer:
         username: str = "admin@example.com",
         password: str | None = None,
         token: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ):
         self.base_dir = Path(base_dir).resolve()
+        self.extra_env = dict(extra_env or {})
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.username = username
@@ -136,6 +139,7 @@ class LabelStudioServer:
             # Our own settings must not leak into Label Studio's Django settings.
             REDIS_URL=None,
             DJANGO_DB=None,
+            **self.extra_env,
         )
 
     def start(self, timeout_s: float = 300.0) -> LabelStudioServer:

@@ -20,6 +20,10 @@ defaults except ``PRETRAINED=none`` and ``DEVICE=cpu``) and its own project with
    embedded (the rest came from the cache);
 3. the worker's peak resident memory over the measured rounds (psutil, sampled every 0.2 s).
 
+``--fast-import`` starts Label Studio with its feature flag for the batched prediction import
+(``FAST_IMPORT_FLAG``; off by default in 1.23.2, where an import recounts every task of the
+project).
+
     .venv/bin/python tests/benchmarks/bench_scale.py --tasks 10000 --compare /tmp/ml-backend-before
     .venv/bin/python tests/benchmarks/bench_scale.py --tasks 100000 --images http
 
@@ -52,6 +56,9 @@ from bench_live_model import CONFIG  # noqa: E402
 from bench_support import checkout_backend, run_checkouts  # noqa: E402
 
 SETTINGS = {"PRETRAINED": "none", "DEVICE": "cpu", "LOG_LEVEL": "INFO"}
+# Label Studio 1.23.2's feature flag for its batched prediction import: off by default, the
+# import recounts every task of the project (6 s of 100 predictions at 100,000 tasks).
+FAST_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 STEPS = ("fetch_s", "pretrain_s", "train_s", "predict_s", "rank_s", "push_s", "total_s")
 
 
@@ -244,16 +251,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fast-import", action="store_true",
+                        help=f"Label Studio with {FAST_IMPORT_FLAG}=true")  # fmt: skip
     args = parser.parse_args()
     images, digits = images_for(args.tasks, args.seed)
     rows = run_checkouts(
         args.compare,
         "bench-scale-",
         lambda code, ls, api, work: run_one(code, ls, api, args, work, images, digits),
+        ls_env={FAST_IMPORT_FLAG: "true"} if args.fast_import else None,
     )
     print(
         f"\n{args.tasks} tasks (28 px digits), {args.labels} labels, then {args.rounds} rounds of "
-        "one more label; medians over the rounds; worker peak memory over the rounds\n"
+        "one more label; medians over the rounds; worker peak memory over the rounds"
+        + (f"; Label Studio with {FAST_IMPORT_FLAG}=true" if args.fast_import else "")
+        + "\n"
     )
     steps = " | ".join(s.removesuffix("_s") for s in STEPS[:-1])
     print(f"| code | label -> live s | label -> job done s | {steps} | predictions written | images embedded | "

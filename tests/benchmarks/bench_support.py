@@ -48,13 +48,15 @@ def run_checkouts(
     compare: Path | None,
     prefix: str,
     run: Callable[[Path, LabelStudioServer, LabelStudioAPI, Path], dict],
+    ls_env: dict[str, str] | None = None,
 ) -> list[dict]:
     """``run(code, ls, api, work)`` for this checkout, then for ``compare`` (an older one) when
-    given, one after the other under one Label Studio; each row is printed as it comes."""
+    given, one after the other under one Label Studio (with ``ls_env`` in its environment);
+    each row is printed as it comes."""
     work = Path(tempfile.mkdtemp(prefix=prefix))
     codes = [ROOT] + ([compare.resolve()] if compare else [])
     rows = []
-    with LabelStudioServer(work / "label-studio") as ls:
+    with LabelStudioServer(work / "label-studio", extra_env=ls_env) as ls:
         api = LabelStudioAPI(ls.url, ls.token)
         for i, code in enumerate(codes):
             rows.append(run(code, ls, api, work / f"run-{i}"))
