@@ -3,6 +3,7 @@
 import base64
 import io
 import logging
+import os
 import struct
 import zlib
 
@@ -351,3 +352,34 @@ def test_lazy_fetch_repairs_a_damaged_cache_and_never_raises_later(fake, cache, 
     with caplog.at_level(logging.WARNING):
         row = lazy[0]
     assert not row.any() and "task 1: cached image gone" in caplog.text
+
+
+def test_entries_seen_whole_are_not_checked_again_in_this_process(
+    fake, cache, settings, monkeypatch
+):
+    """The next ``fetch_lazy`` of this process trusts entries an earlier one saw (no stat): one
+    deleted since is fetched again when read, and one whose source is gone too leaves the
+    memo, so the check after that reports it as a failure again."""
+    from ml_backend.labelstudio import images
+
+    fake.files["a.png"] = png_bytes((255, 0, 0))
+    fake.files["b.png"] = png_bytes((0, 255, 0))
+    items = [(1, "/data/upload/1/a.png"), (2, "/data/upload/1/b.png")]
+    _, ok, _ = cache.fetch_lazy(items)
+    assert ok == [1, 2]
+    stats, real_stat = [], os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        stats.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "stat", counting_stat)
+    path_a = cache.path_for(items[0][1])
+    path_a.unlink()
+    del fake.files["a.png"]
+    lazy, ok, failures = ImageCache(settings, None).fetch_lazy(items)
+    assert ok == [1, 2] and not failures and not [s for s in stats if s.endswith(".npy")]
+    assert tuple(lazy[1][16, 16]) == (0, 255, 0)
+    assert not lazy[0].any()  # gone at the source too: black, with a warning, and forgotten
+    _, ok, failures = cache.fetch_lazy(items)
+    assert ok == [2] and set(failures) == {1}
