@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -270,7 +271,9 @@ def _as_tensor(embeddings) -> torch.Tensor:
         arr = np.asarray(embeddings)
         if arr.dtype.kind not in "fiu":
             raise SelectionInputError(f"embeddings must hold real numbers, got dtype {arr.dtype}")
-        x = torch.from_numpy(arr if arr.dtype.kind == "f" else arr.astype(np.float32))
+        with warnings.catch_warnings():  # a read-only array (the embedding memo) is only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(arr if arr.dtype.kind == "f" else arr.astype(np.float32))
     if x.ndim != 2 or x.shape[1] < 1:
         raise SelectionInputError(
             f"embeddings must be a 2-D array [N, d] with d >= 1, got shape {tuple(x.shape)}"

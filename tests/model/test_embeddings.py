@@ -128,3 +128,30 @@ def test_a_damaged_part_is_ignored_and_recomputed(tmp_path, model, images):
     assert info["computed"] == 12
     fresh = predict(model, images, device="cpu", batch_size=4)[1]
     np.testing.assert_allclose(again, fresh, rtol=1e-5, atol=1e-6)
+
+
+def test_parts_are_read_once_per_process_and_forgotten_when_merged_away(tmp_path, monkeypatch):
+    """A part read before comes from memory (read-only, no second ``np.load``); a part merged
+    away leaves the memo; a part larger than ``MEMO_BYTES`` is read every time."""
+    cache = EmbeddingCache(tmp_path, 1)
+    keys = keys_of(4)
+    cache.add("b", keys, np.arange(4, dtype=np.float32)[:, None].repeat(512, axis=1))
+    loads, real_load = [], np.load
+    monkeypatch.setattr(np, "load", lambda path, *a, **k: loads.append(path) or real_load(path))
+    first, _ = cache.lookup("b", keys)
+    second, missing = cache.lookup("b", keys)
+    assert len(loads) == 1 and second is first and len(missing) == 0
+    with pytest.raises(ValueError, match="read-only"):
+        second[0] = 7
+    monkeypatch.setattr(emb, "MAX_PARTS", 1)
+    cache.add("b", keys[:1], np.full((1, 512), 50, np.float32))  # merged into one new part
+    loads.clear()
+    merged, _ = cache.lookup("b", keys)
+    assert merged[:, 0].tolist() == [50, 1, 2, 3] and len(loads) == 1
+    folder = str(tmp_path / "1" / "embeddings" / "b")
+    assert [name[0] for name in emb._memo if name[0].startswith(folder)] == [str(loads[0])]
+    monkeypatch.setattr(emb, "MEMO_BYTES", 100)
+    emb._forget(tmp_path / "1" / "embeddings" / "b")
+    cache.lookup("b", keys)
+    cache.lookup("b", keys)
+    assert len(loads) == 3
