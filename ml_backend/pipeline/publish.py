@@ -32,6 +32,7 @@ model's confidence (that is in ``/status``, the task meta and ``/predict``).
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -147,6 +148,7 @@ def publish(
     counts: dict = {"predictions_pushed": created, "predictions_sent": len(items)}
     previous_top = ledger.read_queue_top(project_id) if ledger is not None else []
     warnings: list[str] = []
+    seconds: dict[str, float] = {}
     for step, run in (
         ("queue view", lambda: client.ensure_queue_view(project_id)),
         ("pruning", lambda: counts.update(prune(client, project_id, version, ledger, grace))),
@@ -159,6 +161,7 @@ def publish(
             ),
         ),
     ):
+        started = time.monotonic()
         try:
             run()
         except Exception as exc:  # the version is live: report, never undo
@@ -166,6 +169,12 @@ def publish(
                 "project %s: %s failed after publishing %s: %s", project_id, step, version, exc
             )
             warnings.append(f"{step}: {type(exc).__name__}: {str(exc)[:200]}")
+        seconds[step] = time.monotonic() - started
+    log.info(
+        "project %s: after the switch: %s",
+        project_id,
+        ", ".join(f"{step} {s:.1f} s" for step, s in seconds.items()),
+    )
     counts["publish_warnings"] = warnings
     return counts
 
