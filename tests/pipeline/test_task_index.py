@@ -160,3 +160,45 @@ def test_the_index_of_the_previous_format_is_replaced(index, tmp_path):
     legacy.write_text(json.dumps({"format": 1, "tasks": []}))
     assert index.read(FakeLabelStudio(3), 7, resync_s=600)[1]["why"] == "no index yet"
     assert not legacy.exists() and index.path.exists()
+
+
+def test_a_worker_applies_changes_to_the_tasks_it_holds_and_rereads_after_other_writers(
+    index, tmp_path, monkeypatch
+):
+    """After a job, the next one in the same process parses only the rows it read (not the
+    whole index), and gets what a fresh read of the file gives; a write by anyone else (another
+    process's job, here a second ``TaskIndex``) or a full listing makes it read the file again."""
+    ls = FakeLabelStudio(40)
+    index.read(ls, 7, resync_s=600)
+    reads = []
+    whole = TaskIndex._tasks
+    monkeypatch.setattr(TaskIndex, "_tasks", staticmethod(lambda db: reads.append(1) or whole(db)))
+
+    def fresh():
+        with sqlite3.connect(index.path) as db:
+            return whole(db)
+
+    index.read(ls, 7, resync_s=600)  # the first after the full listing reads the file
+    assert len(reads) == 1
+    ls.touch(3, 100, annotations=[{"id": 1, "result": "Sunny"}])
+    ls.tasks[41] = {"id": 41, "data": {"image": "/41.png"}, "annotations": [],
+                    "updated_at": stamp(101)}  # fmt: skip
+    tasks, _ = index.read(ls, 7, resync_s=600)
+    assert len(reads) == 1 and tasks == fresh() and tasks[2]["annotations"][0]["result"] == "Sunny"
+    tasks[0] = None  # the caller's list: the memo is not changed through it
+    assert index.read(ls, 7, resync_s=600)[0] == fresh() and len(reads) == 1
+
+    other = TaskIndex(tmp_path, 7)  # "another worker": same file, its own memo entry is ours
+    from ml_backend.pipeline import task_index
+
+    monkeypatch.setattr(task_index, "_memo", {})  # ... so give it an empty one of its own
+    ls.touch(5, 200, annotations=[{"id": 2, "result": "Rainy"}])
+    other.read(ls, 7, resync_s=600)
+    monkeypatch.undo()
+    monkeypatch.setattr(TaskIndex, "_tasks", staticmethod(lambda db: reads.append(1) or whole(db)))
+    reads.clear()
+    tasks, _ = index.read(ls, 7, resync_s=600)
+    assert len(reads) == 1 and tasks[4]["annotations"][0]["result"] == "Rainy"
+    index.read(ls, 7, resync_s=600, full=True)
+    index.read(ls, 7, resync_s=600)
+    assert len(reads) == 2
