@@ -95,6 +95,10 @@ def test_label_studio_is_set_up_for_a_local_backend(compose):
     assert env["LABEL_STUDIO_ML_BLOCK_LOCAL_IP"] == "false"
     assert env["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
     assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    # The batched prediction import: seconds per label on large projects without it.
+    from ml_backend.pipeline.publish import FAST_IMPORT_FLAG
+
+    assert env[FAST_IMPORT_FLAG] == "true"
     # The backend's key and Label Studio's admin token are the same variable.
     token = re.match(r"\$\{(\w+)", env["LABEL_STUDIO_USER_TOKEN"]).group(1)
     backend_key = compose["services"]["web"]["environment"]["LABEL_STUDIO_API_KEY"]

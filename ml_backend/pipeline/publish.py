@@ -43,6 +43,12 @@ from ml_backend.selection import explain
 
 log = logging.getLogger(__name__)
 
+# Label Studio 1.23.2's feature flag for its batched prediction import (an environment variable
+# of the Label Studio server; docker-compose.yml sets it).
+FAST_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
+SLOW_IMPORT_S = 3.0
+_hinted: set[int] = set()
+
 
 def queue_rows(order: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
     """The rows to push (the first ``depth`` of the queue order) and their scores in (0, 1)."""
@@ -125,7 +131,9 @@ def publish(
     Raises:
         RuntimeError / BackendError: the must-succeed part failed; the project was not switched.
     """
+    started = time.monotonic()
     created = client.import_predictions(project_id, items)
+    _hint_if_slow(project_id, len(items), time.monotonic() - started)
     if created < len(items):
         log.warning(
             "project %s: Label Studio created %d of %d predictions of %s (it skips invalid items)",
@@ -177,6 +185,24 @@ def publish(
     )
     counts["publish_warnings"] = warnings
     return counts
+
+
+def _hint_if_slow(project_id: int, n: int, seconds: float) -> None:
+    """Say once per project and process how to speed up an import of few predictions that took
+    seconds: Label Studio 1.23.2's default import recounts every task of the project (6 s at
+    100,000 tasks for 100 predictions); its batched import behind a feature flag does not."""
+    if seconds < SLOW_IMPORT_S or n > 1000 or project_id in _hinted:
+        return
+    _hinted.add(project_id)
+    log.warning(
+        "project %s: Label Studio took %.1f s to import %d predictions; on large projects start "
+        "Label Studio with %s=true (its batched import: only the imported tasks are recounted; "
+        "docs/scale.md)",
+        project_id,
+        seconds,
+        n,
+        FAST_IMPORT_FLAG,
+    )
 
 
 def _switch(client, project_id: int, version: str) -> None:

@@ -55,10 +55,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_live_model import CONFIG  # noqa: E402
 from bench_support import checkout_backend, run_checkouts  # noqa: E402
 
+from ml_backend.pipeline.publish import FAST_IMPORT_FLAG  # noqa: E402
+
 SETTINGS = {"PRETRAINED": "none", "DEVICE": "cpu", "LOG_LEVEL": "INFO"}
-# Label Studio 1.23.2's feature flag for its batched prediction import: off by default, the
-# import recounts every task of the project (6 s of 100 predictions at 100,000 tasks).
-FAST_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 STEPS = ("fetch_s", "pretrain_s", "train_s", "predict_s", "rank_s", "push_s", "total_s")
 
 

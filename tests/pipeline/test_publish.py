@@ -1,5 +1,8 @@
 """Score encoding, the grace rule for old versions, and the must-succeed / best-effort split."""
 
+import logging
+import time
+
 import numpy as np
 import pytest
 
@@ -149,3 +152,27 @@ def test_a_lost_switch_reply_is_checked_against_label_studio(redis_conn):
     client.activate_version = lambda pid, version: (_ for _ in ()).throw(TimeoutError("x"))
     with pytest.raises(TimeoutError):
         publish(client, 1, [{"task": 1, "model_version": "resnet18-v2"}], "resnet18-v2")
+
+
+def test_a_slow_import_of_few_predictions_names_the_flag_once_and_steps_are_timed(
+    redis_conn, monkeypatch, caplog
+):
+    from ml_backend.pipeline import publish as module
+
+    client, ledger = RecordingClient(), StatusStore(redis_conn)
+    imported = client.import_predictions
+    client.import_predictions = lambda pid, items: time.sleep(0.2) or imported(pid, items)
+    monkeypatch.setattr(module, "SLOW_IMPORT_S", 0.1)
+    monkeypatch.setattr(module, "_hinted", set())
+    with caplog.at_level(logging.INFO, logger="ml_backend.pipeline.publish"):
+        for version in ("resnet18-v1", "resnet18-v2"):
+            publish(client, 4, [{"task": 1, "model_version": version}], version, ledger=ledger)
+    hints = [r for r in caplog.records if module.FAST_IMPORT_FLAG in r.getMessage()]
+    assert len(hints) == 1 and hints[0].levelname == "WARNING"
+    assert "to import 1 predictions" in hints[0].getMessage()
+    assert "after the switch: queue view" in caplog.text and "task notes" in caplog.text
+    caplog.clear()
+    client.import_predictions = imported  # fast: no hint for another project either
+    with caplog.at_level(logging.INFO, logger="ml_backend.pipeline.publish"):
+        publish(client, 5, [{"task": 1, "model_version": "resnet18-v3"}], "resnet18-v3")
+    assert module.FAST_IMPORT_FLAG not in caplog.text
