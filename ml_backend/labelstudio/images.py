@@ -273,9 +273,11 @@ class ImageCache:
             _log_progress(n, n, cached, len(failures), started)
         kept = [item for item, good in zip(items, ok, strict=True) if good]
         with _known_lock:
-            if len(known) + len(kept) > KNOWN_LIMIT:
+            new = [url for _, url in kept if url not in known]
+            if len(known) + len(new) > KNOWN_LIMIT:  # start over with this pool, if it fits
                 known.clear()
-            known.update(url for _, url in kept)
+                new = [url for _, url in kept] if len(kept) <= KNOWN_LIMIT else []
+            known.update(new)
         return CachedImages(self, kept), [task_id for task_id, _ in kept], failures
 
     def read_rows(self, items: list[tuple[int, str]], out: np.ndarray | None = None) -> np.ndarray:

@@ -383,3 +383,19 @@ def test_entries_seen_whole_are_not_checked_again_in_this_process(
     assert not lazy[0].any()  # gone at the source too: black, with a warning, and forgotten
     _, ok, failures = cache.fetch_lazy(items)
     assert ok == [2] and set(failures) == {1}
+
+
+def test_a_pool_larger_than_the_memo_limit_is_not_held(fake, cache, monkeypatch):
+    from ml_backend.labelstudio import images
+
+    fake.files["up.png"] = png_bytes()
+    items = [(i, f"/data/upload/1/up.png?{i}") for i in range(6)]
+    monkeypatch.setattr(images, "KNOWN_LIMIT", 4)
+    cache.fetch_lazy(items[:3])
+    assert len(cache._known) == 3
+    cache.fetch_lazy(items[:4])  # one more fits
+    assert len(cache._known) == 4
+    cache.fetch_lazy(items[2:5])  # does not: the memo starts over with this pool
+    assert sorted(cache._known) == sorted(url for _, url in items[2:5])
+    cache.fetch_lazy(items)  # larger than the limit: nothing held
+    assert len(cache._known) == 0
