@@ -96,7 +96,7 @@ def test_label_studio_is_set_up_for_a_local_backend(compose):
     assert env["LABEL_STUDIO_SSRF_PROTECTION_ENABLED"] == "false"
     assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
     # The batched prediction import: seconds per label on large projects without it.
-    from ml_backend.pipeline.publish import FAST_IMPORT_FLAG
+    from ml_backend.labelstudio.client import FAST_IMPORT_FLAG
 
     assert env[FAST_IMPORT_FLAG] == "true"
     # The backend's key and Label Studio's admin token are the same variable.

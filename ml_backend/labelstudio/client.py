@@ -32,6 +32,11 @@ from ml_backend.labelstudio.queue_view import queue_view_data
 from ml_backend.labelstudio.webhooks import WebhookAuth, basic_auth_header
 
 log = logging.getLogger(__name__)
+
+# Label Studio 1.23.2's feature flag for its batched prediction import, an environment variable
+# of the Label Studio server (docker-compose.yml sets it): without it, every import recounts
+# every task of the project.
+FAST_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 T = TypeVar("T")
 __all__ = ["QUEUE_VIEW_TITLE", "TASK_FIELDS", "LabelStudioClient", "basic_auth_header"]
 

@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from ml_backend.labelstudio.client import FAST_IMPORT_FLAG
 from ml_backend.labelstudio.labels import LabelSpec, choice_result
 from ml_backend.labelstudio.why import write_task_notes
 from ml_backend.model.storage import is_backend_version, is_cold_start
@@ -43,9 +44,6 @@ from ml_backend.selection import explain
 
 log = logging.getLogger(__name__)
 
-# Label Studio 1.23.2's feature flag for its batched prediction import (an environment variable
-# of the Label Studio server; docker-compose.yml sets it).
-FAST_IMPORT_FLAG = "fflag_fix_back_4620_memory_efficient_predictions_import_08012025_short"
 SLOW_IMPORT_S = 3.0
 _hinted: set[int] = set()
 

@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_live_model import CONFIG  # noqa: E402
 from bench_support import checkout_backend, run_checkouts  # noqa: E402
 
-from ml_backend.pipeline.publish import FAST_IMPORT_FLAG  # noqa: E402
+from ml_backend.labelstudio.client import FAST_IMPORT_FLAG  # noqa: E402
 
 SETTINGS = {"PRETRAINED": "none", "DEVICE": "cpu", "LOG_LEVEL": "INFO"}
 STEPS = ("fetch_s", "pretrain_s", "train_s", "predict_s", "rank_s", "push_s", "total_s")
