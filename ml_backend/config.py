@@ -84,6 +84,13 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "on: the head may also learn from confident predictions on unlabeled images, when "
         "cross-validation says it helps. off: labels only.",
     ),
+    "LABEL_SPREADING": (
+        "on",
+        "on: the head may also learn from labels spread along a nearest-neighbour graph of the "
+        "pool's images (every unlabeled image takes the class its labeled neighbourhood points "
+        "to), when cross-validation says it helps; strongest with a few dozen labels. off: no "
+        "spreading.",
+    ),
     "FINETUNE_MIN_LABELS": (
         "200",
         "From this many labels on, fine-tuning the whole network is tried against the head on "
@@ -410,6 +417,7 @@ class Settings:
     pretrain_epochs: int = 200
     pretrain_slice_s: int = 30
     pseudo_labels: bool = True
+    label_spreading: bool = True
     finetune_min_labels: int = 200
     epochs: int = 0
     batch_size: int = 64
@@ -478,6 +486,7 @@ class Settings:
             pretrain_epochs=_int("PRETRAIN_EPOCHS", get("PRETRAIN_EPOCHS"), minimum=1),
             pretrain_slice_s=_int("PRETRAIN_SLICE_S", get("PRETRAIN_SLICE_S"), minimum=0),
             pseudo_labels=_on_off("PSEUDO_LABELS", get("PSEUDO_LABELS")),
+            label_spreading=_on_off("LABEL_SPREADING", get("LABEL_SPREADING")),
             finetune_min_labels=_int("FINETUNE_MIN_LABELS", get("FINETUNE_MIN_LABELS"), minimum=2),
             epochs=_int("EPOCHS", get("EPOCHS"), minimum=0),
             batch_size=_int("BATCH_SIZE", get("BATCH_SIZE"), minimum=1),

@@ -173,6 +173,8 @@ def test_auto_and_on_off_settings():
     assert Settings.from_env({"IMAGE_SIZE": "96"}).image_size == 96
     assert Settings.from_env({"SELF_SUPERVISED": "off"}).self_supervised is False
     assert Settings.from_env({"PSEUDO_LABELS": "false"}).pseudo_labels is False
+    assert defaults.label_spreading
+    assert Settings.from_env({"LABEL_SPREADING": "off"}).label_spreading is False
     with pytest.raises(ConfigError, match="SELF_SUPERVISED must be on or off; got 'maybe'"):
         Settings.from_env({"SELF_SUPERVISED": "maybe"})
     with pytest.raises(ConfigError, match="IMAGE_SIZE must be auto or at least 32, got 8"):

@@ -103,7 +103,7 @@ def test_default_recipe_pretrains_once_per_seed_and_serves_a_head(tmp_path, capl
     assert sum("pretrained the backbone" in m for m in messages) == 1
     served = [m for m in messages if m.startswith("Serving ")]
     assert len(served) == 1 + 1 + 2  # full data, round 0, one round per strategy
-    assert all(m.split()[1] in ("head", "head+pseudo") for m in served)
+    assert all(m.split()[1] in ("head", "head+pseudo", "head+spread") for m in served)
     rows = _rows(out)
     assert len(rows) == 2 * 2 and all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
 

@@ -9,6 +9,11 @@ Candidates, cheapest first:
 - ``head+pseudo``: the same head refit with the pool's confident predictions added as labels of
   lower weight (self-training, ``pseudo_rounds`` rounds). Unlabeled images near labeled clusters
   move the boundary into the gaps between clusters.
+- ``head+spread``: the same head refit with labels spread along a k-nearest-neighbour graph of
+  the pool's embeddings (``spreading``): every unlabeled image gets the class the labels around
+  it in the graph point to, weighted by how sure the spreading is, all of them together never
+  weighing more than the real labels. Far stronger than confident predictions alone when a
+  class's images form connected regions (a typical image labeled per region is enough).
 - ``finetune``: from ``finetune_min_labels`` labels on, the whole network fine-tuned with
   ``train.fit`` starting from the pretrained backbone (never from a served version, whose weights
   have seen the validation tasks).
@@ -27,25 +32,39 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 from torch import nn
 
+from ml_backend.model import spreading
 from ml_backend.model.features import backbone_model
+from ml_backend.model.heads import (
+    ABSENT_LOGIT,
+    LinearHead,
+    column_stats,
+    fit_head,
+    fit_pseudo_head,
+    fit_spread_head,
+)
 from ml_backend.model.split import fold_of, hash_split
 from ml_backend.model.train import default_epochs, fit
 
+__all__ = [  # the heads are re-exported: callers know them as the recipe's
+    "ABSENT_LOGIT",
+    "HeadChoice",
+    "LinearHead",
+    "RecipeConfig",
+    "choose_head",
+    "column_stats",
+    "fit_head",
+    "fit_pseudo_head",
+    "fit_spread_head",
+    "train_served_model",
+]
+
 logger = logging.getLogger(__name__)
 
-# Pseudo-labels per real label at most (the most confident first): bounds the refit's cost.
-PSEUDO_PER_LABEL = 5
-# Pseudo-labels are drawn from at most this many unlabeled rows (a seeded sample of a larger
-# pool): the refit then costs the same at 100,000 images as at 20,000.
-PSEUDO_CANDIDATES = 20_000
-# Rows per float64 block when a head scores embeddings (never a float64 copy of the pool).
-LOGIT_BLOCK = 16_384
-# Logit of a class with no label yet: far below any fitted class, so it is never predicted.
-ABSENT_LOGIT = -100.0
+# A semi-supervised head is served instead of the plain one only when it is right on at least
+# this many more validation labels (and about one standard deviation more: ``_best``).
+MIN_LEAD = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +76,8 @@ class RecipeConfig:
     pseudo_threshold: float = 0.9
     pseudo_weight: float = 0.5
     pseudo_rounds: int = 2
+    label_spreading: bool = True
+    spread_weight: float = 0.5  # all spread labels together weigh at most this x the real ones
     head_c: float = 0.5
     finetune_min_labels: int = 200
     val_fraction: float = 0.2
@@ -71,8 +92,10 @@ class RecipeConfig:
         pseudo = getattr(settings, "pseudo_labels", cls.pseudo_labels)
         if isinstance(pseudo, str):
             pseudo = pseudo.strip().lower() in ("on", "true", "1", "yes")
+        spreading_on = getattr(settings, "label_spreading", cls.label_spreading)
         return cls(
             pseudo_labels=bool(pseudo),
+            label_spreading=bool(spreading_on),
             finetune_min_labels=int(
                 getattr(settings, "finetune_min_labels", cls.finetune_min_labels)
             ),
@@ -82,127 +105,6 @@ class RecipeConfig:
             lr=float(getattr(settings, "learning_rate", cls.lr)),
             seed=int(getattr(settings, "seed", cls.seed)),
         )
-
-
-@dataclasses.dataclass
-class LinearHead:
-    """``logits = x @ weight.T + bias`` on raw embeddings (standardisation already folded in)."""
-
-    weight: np.ndarray  # float64 [C, 512]
-    bias: np.ndarray  # float64 [C]
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        out = np.empty((len(x), len(self.bias)))
-        for start in range(0, len(x), LOGIT_BLOCK):  # float64 per block, not of the whole pool
-            block = np.asarray(x[start : start + LOGIT_BLOCK], dtype=np.float64)
-            out[start : start + LOGIT_BLOCK] = block @ self.weight.T + self.bias
-        return out
-
-    def probs(self, x: np.ndarray) -> np.ndarray:
-        z = self.logits(x)
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
-
-
-def fit_head(
-    x: np.ndarray,
-    y: np.ndarray,
-    num_classes: int,
-    *,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    c: float,
-    weights: np.ndarray | None = None,
-    init: LinearHead | None = None,
-) -> LinearHead:
-    """Multinomial logistic regression on ``(x - mean) / scale``, folded back onto raw ``x``.
-
-    Classes without a label get zero weights and ``ABSENT_LOGIT``; with a single labeled class
-    every image is that class. ``init``: a head fitted on similar rows (the same labels before
-    pseudo-labels were added) to start L-BFGS from; the problem is convex, so it changes how
-    many iterations the fit takes, not (beyond the solver's tolerance) where it ends.
-    """
-    present = np.unique(y)
-    weight = np.zeros((num_classes, x.shape[1]))
-    bias = np.full(num_classes, ABSENT_LOGIT)
-    if len(present) == 1:
-        bias[present[0]] = 0.0
-        return LinearHead(weight, bias)
-    clf = LogisticRegression(C=c, max_iter=300, tol=1e-4)
-    if init is not None and not np.any(init.bias[present] <= ABSENT_LOGIT):
-        # back to standardised space: coef = w * scale, intercept = b + w @ mean
-        coef = init.weight[present] * scale
-        intercept = init.bias[present] + init.weight[present] @ mean
-        if len(present) == 2:  # sklearn's single row: logit(b) - logit(a)
-            coef, intercept = coef[1:] - coef[:1], intercept[1:] - intercept[:1]
-        clf.set_params(warm_start=True)
-        clf.coef_, clf.intercept_ = coef, intercept
-    # One BLAS thread: at a few thousand rows x 512 a threaded OpenBLAS spends more on waking
-    # and joining its threads than on the products (4x slower per L-BFGS step on 2 cores).
-    with threadpool_limits(limits=1, user_api="blas"):
-        clf.fit((x - mean) / scale, y, sample_weight=weights)
-    coef, intercept = clf.coef_, clf.intercept_
-    if len(present) == 2:  # sklearn keeps one row for two classes: logit(b) - logit(a)
-        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
-        intercept = np.array([-intercept[0] / 2, intercept[0] / 2])
-    w = coef / scale
-    weight[clf.classes_] = w
-    bias[clf.classes_] = intercept - w @ mean
-    return LinearHead(weight, bias)
-
-
-def fit_pseudo_head(
-    embeddings: np.ndarray,
-    labeled: np.ndarray,
-    y: np.ndarray,
-    num_classes: int,
-    cfg: RecipeConfig,
-    *,
-    mean: np.ndarray,
-    scale: np.ndarray,
-    exclude: np.ndarray | None = None,
-    base: LinearHead | None = None,
-) -> LinearHead:
-    """``fit_head`` plus ``cfg.pseudo_rounds`` rounds of confident pool predictions as labels.
-
-    ``labeled`` are rows of ``embeddings``; rows in ``exclude`` (a validation fold) are never
-    pseudo-labeled. At most ``PSEUDO_PER_LABEL`` pseudo-labels per real label are kept (the most
-    confident); each weighs ``cfg.pseudo_weight``, and together never more than the real labels,
-    so a large pool cannot drown them. They are drawn from at most ``PSEUDO_CANDIDATES``
-    unlabeled rows (a sample seeded by ``cfg.seed`` of a larger pool). ``base``: the plain head
-    on these labels when the caller has it already (it is the first round); each round starts
-    from the one before.
-    """
-    head = base or fit_head(
-        embeddings[labeled], y, num_classes, mean=mean, scale=scale, c=cfg.head_c
-    )
-    if len(np.unique(y)) < 2:
-        return head
-    mask = np.ones(len(embeddings), dtype=bool)
-    mask[labeled] = False
-    if exclude is not None:
-        mask[exclude] = False
-    pool = np.flatnonzero(mask)
-    if len(pool) > PSEUDO_CANDIDATES:
-        pool = np.sort(
-            np.random.default_rng(cfg.seed).choice(pool, PSEUDO_CANDIDATES, replace=False)
-        )
-    for _ in range(cfg.pseudo_rounds):
-        probs = head.probs(embeddings[pool])
-        confidence = probs.max(axis=1)
-        sure = np.flatnonzero(confidence >= cfg.pseudo_threshold)
-        if not len(sure):
-            break
-        sure = sure[np.argsort(-confidence[sure], kind="stable")[: PSEUDO_PER_LABEL * len(labeled)]]
-        rows, guess = pool[sure], probs[sure].argmax(axis=1)
-        w = min(cfg.pseudo_weight, len(labeled) / len(rows))
-        x = np.concatenate([embeddings[labeled], embeddings[rows]])
-        yy = np.concatenate([y, guess])
-        weights = np.concatenate([np.ones(len(labeled)), np.full(len(rows), w)])
-        head = fit_head(x, yy, num_classes, mean=mean, scale=scale, c=cfg.head_c,
-                        weights=weights, init=head)  # fmt: skip
-    return head
 
 
 def train_served_model(
@@ -241,35 +143,16 @@ def train_served_model(
     """
     log = log or logger
     started = time.perf_counter()
-    labeled_idx = np.asarray(labeled_idx, dtype=np.int64)
-    y = np.asarray(labels, dtype=np.int64)
-    if len(labeled_idx) != len(y) or len(y) < 1:
-        raise ValueError(f"{len(labeled_idx)} labeled rows but {len(y)} labels (need >= 1)")
-    if y.min() < 0 or y.max() >= num_classes:
-        raise ValueError(f"labels must be in [0, {num_classes}); got {y.min()}..{y.max()}")
     emb = np.asarray(embeddings)  # float32 stays float32: heads take float64 rows as they need
-    mean, scale = column_stats(emb)
-    folds = fold_of(np.asarray(task_ids)[labeled_idx], cfg.folds)
-    heads = {"head": _plain_head(cfg), "head+pseudo": _pseudo_head(cfg)}
-    if not cfg.pseudo_labels:
-        heads.pop("head+pseudo")
-    candidates, val_size = _cross_validate(
-        heads, emb, labeled_idx, y, folds, num_classes, mean, scale, cfg.head_c
-    )
-    served = _best(candidates, default="head")
-    if candidates[served] is None:
-        why = f"{len(y)} labels are too few to cross-validate; served the plain head"
-    else:
-        why = (
-            f"{served} had the best {cfg.folds}-fold cross-validated accuracy "
-            f"({candidates[served]:.3f} over {val_size} labels)"
-        )
-    head = heads[served](emb, labeled_idx, y, num_classes, mean, scale)
-    model = _with_head(backbone_model(backbone_state, num_classes), head)
+    choice = choose_head(emb, labeled_idx, labels, task_ids, num_classes, cfg)
+    labeled_idx, y = np.asarray(labeled_idx, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    served, why, candidates = choice.served, choice.why, choice.candidates
+    mean, scale, val_size = choice.mean, choice.scale, choice.val_size
+    model = _with_head(backbone_model(backbone_state, num_classes), choice.head)
     val_accuracy, train_size = candidates[served], len(y)
     if len(y) >= cfg.finetune_min_labels:
         tuned = _try_finetune(images, labeled_idx, y, task_ids, num_classes, backbone_state, emb,
-                              heads[served], mean, scale, cfg, device, progress, log)  # fmt: skip
+                              choice.make, mean, scale, cfg, device, progress, log)  # fmt: skip
         if tuned is not None:
             (ft_acc, head_acc, n_val), candidates["finetune"] = tuned, tuned[0]
             verdict = "beat" if ft_acc > head_acc else "did not beat"
@@ -297,16 +180,77 @@ def train_served_model(
 HeadMaker = Callable[..., LinearHead]
 
 
-def column_stats(emb: np.ndarray, block: int = LOGIT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean, std + 1e-6)`` of each column in float64, a block of rows at a time: no float64
-    copy of a large pool (``ndarray.std`` made two, 0.6 s at 100,000 x 512)."""
-    n, total, squares = len(emb), np.zeros(emb.shape[1]), np.zeros(emb.shape[1])
-    for start in range(0, n, block):
-        x = np.asarray(emb[start : start + block], dtype=np.float64)
-        total += x.sum(axis=0)
-        squares += np.einsum("ij,ij->j", x, x)
-    mean = total / max(n, 1)
-    return mean, np.sqrt(np.maximum(squares / max(n, 1) - mean * mean, 0.0)) + 1e-6
+@dataclasses.dataclass
+class HeadChoice:
+    """What ``choose_head`` picked: the served head refit on every label, and why."""
+
+    head: LinearHead
+    served: str  # "head", "head+pseudo" or "head+spread"
+    why: str
+    candidates: dict[str, float | None]  # cross-validated accuracy of each candidate
+    val_size: int
+    make: HeadMaker  # fits the served kind of head on other rows (the fine-tune comparison)
+    mean: np.ndarray
+    scale: np.ndarray
+
+
+def choose_head(
+    embeddings: np.ndarray,
+    labeled_idx: np.ndarray,
+    labels: np.ndarray,
+    task_ids: np.ndarray,
+    num_classes: int,
+    cfg: RecipeConfig,
+    *,
+    graph: spreading.Graph | None = None,
+) -> HeadChoice:
+    """Cross-validate the heads over hash folds of the task ids, refit the best on every label.
+
+    The heads: ``head``, ``head+pseudo`` (``cfg.pseudo_labels``) and ``head+spread``
+    (``cfg.label_spreading``); a tie, or too few labels to cross-validate, serves ``head``.
+    ``graph``: the pool's kNN graph when the caller has it (it must hold every labeled row);
+    built here otherwise.
+    """
+    labeled_idx = np.asarray(labeled_idx, dtype=np.int64)
+    y = np.asarray(labels, dtype=np.int64)
+    if len(labeled_idx) != len(y) or len(y) < 1:
+        raise ValueError(f"{len(labeled_idx)} labeled rows but {len(y)} labels (need >= 1)")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"labels must be in [0, {num_classes}); got {y.min()}..{y.max()}")
+    emb = embeddings
+    mean, scale = column_stats(emb)
+    folds = fold_of(np.asarray(task_ids)[labeled_idx], cfg.folds)
+    heads = {"head": _plain_head(cfg)}
+    if cfg.pseudo_labels:
+        heads["head+pseudo"] = _pseudo_head(cfg)
+    if cfg.label_spreading and len(np.unique(y)) >= 2:
+        if graph is None:
+            graph = spreading.build_graph(emb, labeled_idx, seed=cfg.seed)
+        heads["head+spread"] = _spread_head(cfg, graph)
+    right = _cross_validate(heads, emb, labeled_idx, y, folds, num_classes, mean, scale, cfg.head_c)
+    val_size = len(right["head"])
+    candidates = {name: float(ok.mean()) if len(ok) else None for name, ok in right.items()}
+    served = _best(right, default="head")
+    runner_up = max(
+        (n for n in candidates if n != served and candidates[n] is not None),
+        key=lambda n: candidates[n],
+        default=None,
+    )
+    if candidates[served] is None:
+        why = f"{len(y)} labels are too few to cross-validate; served the plain head"
+    elif runner_up is not None and candidates[runner_up] > candidates[served]:
+        why = (
+            f"{runner_up} was not clearly better than {served} in {cfg.folds}-fold "
+            f"cross-validation ({candidates[runner_up]:.3f} vs {candidates[served]:.3f} over "
+            f"{val_size} labels)"
+        )
+    else:
+        why = (
+            f"{served} had the best {cfg.folds}-fold cross-validated accuracy "
+            f"({candidates[served]:.3f} over {val_size} labels)"
+        )
+    head = heads[served](emb, labeled_idx, y, num_classes, mean, scale)
+    return HeadChoice(head, served, why, candidates, val_size, heads[served], mean, scale)
 
 
 def _plain_head(cfg: RecipeConfig) -> HeadMaker:
@@ -324,13 +268,21 @@ def _pseudo_head(cfg: RecipeConfig) -> HeadMaker:
     return make
 
 
+def _spread_head(cfg: RecipeConfig, graph: spreading.Graph) -> HeadMaker:
+    def make(emb, rows, y, num_classes, mean, scale, exclude=None, base=None) -> LinearHead:
+        return fit_spread_head(emb, rows, y, num_classes, cfg, mean=mean, scale=scale,
+                               graph=graph, exclude=exclude, base=base)  # fmt: skip
+
+    return make
+
+
 def _cross_validate(
     heads: dict[str, HeadMaker], emb, rows, y, folds, num_classes, mean, scale, c
-) -> tuple[dict[str, float | None], int]:
-    """Each head's accuracy over every fold that has validation rows and training rows
-    (``None`` if none). The plain head of a fold is fitted once and shared: it is the first
-    round of the pseudo-labeled one."""
-    correct, total = dict.fromkeys(heads, 0), 0
+) -> dict[str, np.ndarray]:
+    """Per head, whether it was right on each validation label, over every fold that has
+    validation rows and training rows (empty arrays when no fold has). The plain head of a fold
+    is fitted once and shared: it is the first round of the semi-supervised ones."""
+    right: dict[str, list[np.ndarray]] = {name: [] for name in heads}
     for fold in np.unique(folds):
         val = folds == fold
         if val.all():
@@ -339,17 +291,29 @@ def _cross_validate(
         for name, make in heads.items():
             head = make(emb, rows[~val], y[~val], num_classes, mean, scale, exclude=rows[val],
                         base=base)  # fmt: skip
-            correct[name] += int((head.logits(emb[rows[val]]).argmax(axis=1) == y[val]).sum())
-        total += int(val.sum())
-    return {name: (correct[name] / total if total else None) for name in heads}, total
+            right[name].append(head.logits(emb[rows[val]]).argmax(axis=1) == y[val])
+    return {name: np.concatenate(r) if r else np.zeros(0, bool) for name, r in right.items()}
 
 
-def _best(candidates: dict[str, float | None], default: str) -> str:
-    """The candidate with the highest accuracy; ``default`` on ties or when none was measured."""
-    best = default
-    for name, acc in candidates.items():
-        if acc is not None and (candidates[best] is None or acc > candidates[best]):
-            best = name
+def _best(right: dict[str, np.ndarray], default: str) -> str:
+    """``default`` unless another head was right on clearly more validation labels.
+
+    Paired on the same labels: with ``b`` labels only the other head got right and ``a`` only
+    ``default`` got right, it must lead by ``b - a >= max(MIN_LEAD, sqrt(a + b))`` (about one
+    standard deviation of a sign test). Cross-validation over a few dozen labels is noisy, and
+    a semi-supervised head chosen by a fluke costs points where the pool's structure misleads
+    (colour classes on a colour-blind backbone); among several that lead, the most right wins.
+    """
+    if default not in right or not len(right[default]):
+        return default
+    best, best_right = default, int(right[default].sum())
+    for name, ok in right.items():
+        if name == default:
+            continue
+        gained = int((ok & ~right[default]).sum())
+        lost = int((~ok & right[default]).sum())
+        if gained - lost >= max(MIN_LEAD, np.sqrt(gained + lost)) and int(ok.sum()) > best_right:
+            best, best_right = name, int(ok.sum())
     return best
 
 

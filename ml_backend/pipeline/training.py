@@ -75,7 +75,7 @@ WEBHOOK_AUTH_EVERY_S = 600
 FORCE_REASONS = ("refresh",)
 # Settings a model depends on / a published queue depends on (besides the labels and tasks).
 MODEL_KNOBS = ("epochs", "batch_size", "learning_rate", "seed", "pretrained", "self_supervised",
-               "pseudo_labels", "finetune_min_labels")  # fmt: skip
+               "pseudo_labels", "label_spreading", "finetune_min_labels")  # fmt: skip
 # IMAGE_SIZE=auto reads the size of this many images (evenly spread over the task list).
 SIZE_SAMPLE = 64
 # From FINETUNE_MIN_LABELS labels a job fine-tunes again (after its head version is live) when
@@ -662,7 +662,8 @@ def _keep_choice(run: _Run, pool: Pool, previous, candidates: list[tuple]):
 
 def _train(run: _Run, pool: Pool, candidates: list[tuple]):
     """The fast served model (``model.recipe``): a head on frozen backbone embeddings, with
-    pseudo-labels when cross-validation prefers them, refit on every label before it is served.
+    pseudo-labels or labels spread over the pool when cross-validation clearly prefers them,
+    refit on every label before it is served.
 
     ``candidates``: ``(name, state_dict, source, known_accuracy)`` backbones, the project's
     self-supervised one first. A head on the PRETRAINED weights (random init without ImageNet)

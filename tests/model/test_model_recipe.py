@@ -43,7 +43,9 @@ def test_predict_on_the_served_model_gives_the_heads_probabilities(pool):
     images, y, emb, _, _ = pool
     rows = np.arange(30)
     model, metrics = _serve(
-        pool, rows, cfg=RecipeConfig(finetune_min_labels=10**9, pseudo_labels=False)
+        pool,
+        rows,
+        cfg=RecipeConfig(finetune_min_labels=10**9, pseudo_labels=False, label_spreading=False),
     )
     assert type(model.fc) is torch.nn.Linear and model.fc.out_features == 3
     probs, got_emb = predict(model, images, device="cpu", batch_size=32)
@@ -56,7 +58,7 @@ def test_predict_on_the_served_model_gives_the_heads_probabilities(pool):
     assert metrics["train_size"] == 30
     assert metrics["val_size"] == 30  # every label validated once across the folds
     _, both = _serve(pool, rows)
-    assert set(both["candidates"]) == {"head", "head+pseudo"}
+    assert set(both["candidates"]) == {"head", "head+pseudo", "head+spread"}
 
 
 def test_standardisation_folds_exactly_into_fc(pool):
@@ -72,13 +74,13 @@ def test_standardisation_folds_exactly_into_fc(pool):
 def test_heads_score_in_blocks_and_draw_pseudo_labels_from_a_bounded_sample(pool, monkeypatch):
     """Large pools: logits come block by block (no float64 copy of the pool), the same numbers;
     pseudo-labels are drawn from a sample of at most PSEUDO_CANDIDATES unlabeled rows."""
-    from ml_backend.model import recipe
+    from ml_backend.model import heads, recipe
 
     _, y, emb, _, _ = pool
     mean, scale = emb.mean(0, dtype=np.float64), emb.std(0, dtype=np.float64) + 1e-6
     head = fit_head(emb[:40], y[:40], 3, mean=mean, scale=scale, c=0.5)
     whole = emb.astype(np.float64) @ head.weight.T + head.bias
-    monkeypatch.setattr(recipe, "LOGIT_BLOCK", 7)
+    monkeypatch.setattr(heads, "LOGIT_BLOCK", 7)
     np.testing.assert_allclose(head.logits(emb), whole, rtol=1e-12)
 
     seen = []
@@ -86,7 +88,7 @@ def test_heads_score_in_blocks_and_draw_pseudo_labels_from_a_bounded_sample(pool
     monkeypatch.setattr(
         recipe.LinearHead, "probs", lambda self, x: seen.append(len(x)) or real_probs(self, x)
     )
-    monkeypatch.setattr(recipe, "PSEUDO_CANDIDATES", 25)
+    monkeypatch.setattr(heads, "PSEUDO_CANDIDATES", 25)
     cfg = RecipeConfig(pseudo_threshold=0.0, pseudo_rounds=1)
     labeled = np.arange(10)
     out = fit_pseudo_head(emb, labeled, y[labeled], 3, cfg, mean=mean, scale=scale)
@@ -166,14 +168,14 @@ def test_fewer_labels_than_folds(pool):
     _, y, _, _, _ = pool
     rows = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(3)])
     _, metrics = _serve(pool, rows)
-    assert metrics["served"] in ("head", "head+pseudo")
+    assert metrics["served"] in ("head", "head+pseudo", "head+spread")
 
 
 def test_finetune_is_tried_from_enough_labels(pool):
     cfg = RecipeConfig(finetune_min_labels=20, epochs=1, batch_size=16, val_fraction=0.4)
     model, metrics = _serve(pool, np.arange(60), cfg=cfg)
     assert "finetune" in metrics["candidates"] and "hash split" in metrics["why"]
-    assert metrics["served"] in ("head", "head+pseudo", "finetune")
+    assert metrics["served"] in ("head", "head+pseudo", "head+spread", "finetune")
 
 
 def test_config_from_settings():
