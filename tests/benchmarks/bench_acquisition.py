@@ -104,17 +104,20 @@ class LogRegPCA:
 class RecipeHead:
     """The backend's model: a SimCLR backbone pretrained on every image of the dataset (as the
     job pretrains on the project's pool) for ``BENCH_PRETRAIN_EPOCHS`` epochs (default 2; bounded
-    by epochs, not seconds, so machine load does not change the embeddings), then the recipe's
-    logistic head (``recipe.fit_head``, C = 0.5, standardised embeddings) per round.
-    Pseudo-labels and fine-tuning are left out for speed (the recipe picks the plain head most
-    of the time below 200 labels; see docs/results/label_efficiency_findings.md). The
-    embeddings are kept in ``.cache/bench-acquisition/`` per dataset, seed and epochs, so a
-    rerun (other strategies, other thresholds) ranks the same embeddings without pretraining."""
+    by epochs, not seconds, so machine load does not change the embeddings), then the head the
+    recipe serves (``recipe.choose_head`` with its defaults: the plain logistic head, or the one
+    with pseudo-labels or with labels spread along the pool's kNN graph when cross-validation
+    clearly prefers it; the row index stands for the task id of the hash folds). Fine-tuning is
+    left out for speed. The embeddings are kept in ``.cache/bench-acquisition/`` per dataset,
+    seed and epochs, so a rerun (other strategies, other thresholds) ranks the same embeddings
+    without pretraining."""
 
     EPOCHS = int(os.environ.get("BENCH_PRETRAIN_EPOCHS", "2"))
-    name = f"the backend's recipe: SimCLR backbone ({EPOCHS} epochs) + logistic head"
+    name = f"the backend's recipe: SimCLR backbone ({EPOCHS} epochs) + the recipe's head"
 
     def __init__(self, x_raw, n_classes: int, seed: int, *, native: np.ndarray, dataset: str):
+        from ml_backend.model import spreading
+
         cache = ROOT / ".cache" / "bench-acquisition" / f"{dataset}-seed{seed}-e{self.EPOCHS}.npy"
         if cache.exists():
             self.features = np.load(cache)
@@ -125,6 +128,9 @@ class RecipeHead:
         self.mean = self.features.mean(axis=0)  # as recipe.py standardises: the whole pool
         self.scale = self.features.std(axis=0) + 1e-6
         self.n_classes = n_classes
+        # one graph per pool, as a job builds it (every row is a node below GRAPH_ROWS)
+        self.graph = spreading.build_graph(self.features, np.arange(0), seed=seed)
+        self.served: list[str] = []
 
     def _pretrained_embeddings(self, native: np.ndarray, seed: int) -> np.ndarray:
         from bench_label_efficiency import _resize
@@ -147,6 +153,21 @@ class RecipeHead:
         return self.features
 
     def fit_predict(self, rows: np.ndarray, labels: np.ndarray):
+        from ml_backend.model.recipe import RecipeConfig, choose_head
+
+        choice = choose_head(self.features, rows, labels, np.arange(len(self.features)),
+                             self.n_classes, RecipeConfig(), graph=self.graph)  # fmt: skip
+        self.served.append(choice.served)
+        return choice.head.probs(self.features), self.features
+
+
+class RecipePlainHead(RecipeHead):
+    """The plain logistic head alone (C = 0.5, standardised embeddings) on the same backbone:
+    what this benchmark measured before the recipe's semi-supervised heads were in it."""
+
+    name = f"SimCLR backbone ({RecipeHead.EPOCHS} epochs) + plain logistic head"
+
+    def fit_predict(self, rows: np.ndarray, labels: np.ndarray):
         from ml_backend.model.recipe import fit_head
 
         head = fit_head(self.features[rows], labels, self.n_classes, mean=self.mean,
@@ -154,7 +175,7 @@ class RecipeHead:
         return head.probs(self.features), self.features
 
 
-MODELS = {"logreg-pca": LogRegPCA, "recipe": RecipeHead}
+MODELS = {"logreg-pca": LogRegPCA, "recipe": RecipeHead, "recipe-plain": RecipePlainHead}
 
 
 def make_model(spec: str):

@@ -23,6 +23,9 @@ Methods:
 - ``pipeline``: ``pretrain_backbone`` on the pool (one per dataset and seed, ``--pretrain-budget``
   seconds) + ``recipe.train_served_model`` (fine-tuning from ``--finetune-min-labels``; off by
   default here, where two CPU fine-tunes per point would dominate the run).
+- ``previous`` (with ``--compare-recipe REV``): the same, on the same backbone and labeled sets,
+  with ``ml_backend/model/recipe.py`` as it was at git revision ``REV`` (the previous code's
+  choice of head), so a change to the recipe is measured against what it replaces in one run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.util
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,13 +44,15 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from ml_backend.model import recipe as current_recipe  # noqa: E402
 from ml_backend.model.features import backbone_model, embed  # noqa: E402
 from ml_backend.model.pretrain import pretrain_backbone  # noqa: E402
-from ml_backend.model.recipe import RecipeConfig, fit_head, train_served_model  # noqa: E402
+from ml_backend.model.recipe import fit_head  # noqa: E402
 from ml_backend.model.sizing import choose_image_size  # noqa: E402
 
 BASELINES = ("1nn-pixels", "logreg-pixels", "probe-random", "before")
-METHODS = (*BASELINES, "pipeline")
+METHODS = (*BASELINES, "previous", "pipeline")
+ROOT = Path(__file__).resolve().parents[2]
 STARTED = time.perf_counter()
 
 
@@ -137,6 +144,7 @@ def run_dataset(name: str, args) -> list[dict]:
     images = _resize(native, size)
     num_classes = int(labels.max()) + 1
     log(f"{name}: {len(labels)} images, {num_classes} classes, {native.shape[1]} px -> {size} px")
+    previous = recipe_at(args.compare_recipe) if args.compare_recipe else None
     rows: list[dict] = []
     for seed in range(args.seeds):
         order = labeled_order(labels, seed)
@@ -150,7 +158,6 @@ def run_dataset(name: str, args) -> list[dict]:
                     batch_size=256)  # fmt: skip
         log(f"{name} seed {seed}: pretrained {result.epochs} epochs, {result.images_seen} images, "
             f"{result.seconds:.0f} s, loss {result.history[0]:.3f} -> {result.loss:.3f}")  # fmt: skip
-        cfg = RecipeConfig(seed=seed, finetune_min_labels=args.finetune_min_labels)
         for budget in args.budgets:
             if budget >= len(labels):
                 continue
@@ -158,27 +165,16 @@ def run_dataset(name: str, args) -> list[dict]:
             acc = pixel_baselines(raw, labels, lab, rest)
             acc["probe-random"] = head_accuracy(emb_random, labels, lab, rest, num_classes)
             t0 = time.perf_counter()
-            model, metrics = train_served_model(
-                images, lab, labels[lab], task_ids, num_classes, backbone_state=result.state_dict,
-                embeddings=emb, cfg=cfg, device="cpu",
+            acc["pipeline"], metrics = pipeline_accuracy(
+                current_recipe, images, labels, lab, rest, task_ids, num_classes, seed, args,
+                (result.state_dict, emb), (random_state, emb_random),
             )  # fmt: skip
-            # As the job does: a head on the PRETRAINED (here random-init) backbone is tried
-            # too and served when its cross-validated accuracy is higher (ties: self-supervised).
-            other, other_metrics = train_served_model(
-                images, lab, labels[lab], task_ids, num_classes, backbone_state=random_state,
-                embeddings=emb_random, cfg=dataclasses.replace(cfg, finetune_min_labels=10**9),
-                device="cpu",
-            )  # fmt: skip
-            if (other_metrics["val_accuracy"] or -1) > (metrics["val_accuracy"] or -1):
-                model, metrics, used = (
-                    other,
-                    {**other_metrics, "served": "random-init head"},
-                    emb_random,
-                )
-            else:
-                used = emb
-            acc["pipeline"] = head_pred_accuracy(model, used, images, labels, rest, metrics)
             fit_s = time.perf_counter() - t0
+            if previous is not None:
+                acc["previous"], _ = pipeline_accuracy(
+                    previous, images, labels, lab, rest, task_ids, num_classes, seed, args,
+                    (result.state_dict, emb), (random_state, emb_random),
+                )  # fmt: skip
             if budget in args.before_budgets and seed < args.before_seeds:
                 acc["before"] = before(
                     native, labels, lab, rest, num_classes, seed, args.before_eval
@@ -196,6 +192,39 @@ def run_dataset(name: str, args) -> list[dict]:
     return rows
 
 
+def recipe_at(rev: str):
+    """``ml_backend/model/recipe.py`` as it was at git revision ``rev``, as a module (it imports
+    today's ``ml_backend`` for everything else)."""
+    source = subprocess.run(["git", "show", f"{rev}:ml_backend/model/recipe.py"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(f"recipe_{rev}", None))
+    sys.modules[module.__name__] = module  # dataclasses look their module up there
+    exec(compile(source, f"recipe.py@{rev}", "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def pipeline_accuracy(recipe, images, labels, lab, rest, task_ids, num_classes, seed, args,
+                      own, pretrained) -> tuple[float, dict]:  # fmt: skip
+    """Accuracy on ``rest`` of what ``recipe.train_served_model`` serves, as the job runs it: a
+    head on the PRETRAINED (here random-init) backbone is tried too and served when its
+    cross-validated accuracy is higher (ties: self-supervised). ``own``/``pretrained``:
+    ``(state_dict, embeddings)`` of each backbone."""
+    cfg = recipe.RecipeConfig(seed=seed, finetune_min_labels=args.finetune_min_labels)
+    model, metrics = recipe.train_served_model(
+        images, lab, labels[lab], task_ids, num_classes, backbone_state=own[0],
+        embeddings=own[1], cfg=cfg, device="cpu",
+    )  # fmt: skip
+    other, other_metrics = recipe.train_served_model(
+        images, lab, labels[lab], task_ids, num_classes, backbone_state=pretrained[0],
+        embeddings=pretrained[1], cfg=dataclasses.replace(cfg, finetune_min_labels=10**9),
+        device="cpu",
+    )  # fmt: skip
+    used = own[1]
+    if (other_metrics["val_accuracy"] or -1) > (metrics["val_accuracy"] or -1):
+        model, metrics, used = other, {**other_metrics, "served": "random-init head"}, pretrained[1]
+    return head_pred_accuracy(model, used, images, labels, rest, metrics), metrics
+
+
 def head_pred_accuracy(model, emb, images, labels, rest, metrics) -> float:
     """Accuracy of the served model on the unlabeled rows (the head on cached embeddings)."""
     if metrics["served"] != "finetune":
@@ -208,14 +237,26 @@ def head_pred_accuracy(model, emb, images, labels, rest, metrics) -> float:
     return float(np.mean(probs.argmax(1) == labels[rest]))
 
 
+def paired_gain(rows: list[dict], budget: int) -> str:
+    """``pipeline - previous`` in points, mean over seeds, ``*`` beyond two standard errors."""
+    by = {(r["seed"], r["method"]): r["accuracy"] for r in rows if r["budget"] == budget}
+    diff = np.array([by[(s, "pipeline")] - by[(s, "previous")] for s, m in by if m == "previous"])
+    if not len(diff):
+        return "–"
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
+    return f"{diff.mean() * 100:+.1f}{'*' if abs(diff.mean()) > 2 * se else ''}"
+
+
 def summary(rows: list[dict], name: str, args) -> str:
     mine = [r for r in rows if r["dataset"] == name]
     budgets = sorted({r["budget"] for r in mine})
-    lines = [f"### {name}", "", "| labels | " + " | ".join(METHODS) + " | pipeline − best baseline |",
-             "|---:|" + "---:|" * (len(METHODS) + 1)]  # fmt: skip
+    methods = [m for m in METHODS if any(r["method"] == m for r in mine)]
+    lines = [f"### {name}", "", "| labels | " + " | ".join(methods) + " | pipeline − best baseline |"
+             + (" pipeline − previous |" if "previous" in methods else ""),
+             "|---:|" + "---:|" * (len(methods) + 1 + ("previous" in methods))]  # fmt: skip
     for n in budgets:
         cells, means = [], {}
-        for m in METHODS:
+        for m in methods:
             v = [r["accuracy"] for r in mine if r["budget"] == n and r["method"] == m]
             if v:
                 means[m] = float(np.mean(v))
@@ -230,6 +271,7 @@ def summary(rows: list[dict], name: str, args) -> str:
             f"| {n} | "
             + " | ".join(cells)
             + f" | {means.get('pipeline', float('nan')) - best:+.3f} |"
+            + (f" {paired_gain(mine, n):s} |" if "previous" in methods else "")
         )
     pre = sorted({(r["seed"], r["pretrain_s"], r.get("pretrain_images", "?"))
                   for r in mine if r["method"] == "pipeline"})  # fmt: skip
@@ -284,6 +326,12 @@ def main() -> None:
         "--quick", action="store_true", help="2 seeds, budgets 20,100,500, 60 s pretrain"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--compare-recipe",
+        default="",
+        metavar="REV",
+        help="also score recipe.py as of git revision REV on the same backbones and labels",
+    )
     ap.add_argument("--out", default="", help="folder for label_efficiency_<tag>.{md,csv,png}")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
@@ -300,7 +348,9 @@ def main() -> None:
     report = "\n".join(summary(rows, name, args) for name in datasets)
     header = (f"## Label efficiency ({'quick, ' if args.quick else ''}{args.seeds} seeds, "
               f"pretrain {args.pretrain_budget:g} s, {time.perf_counter() - STARTED:.0f} s total, "
-              f"{torch.get_num_threads()} CPU threads)\n\n")  # fmt: skip
+              f"{torch.get_num_threads()} CPU threads"
+              + (f", previous = recipe.py at {args.compare_recipe}" if args.compare_recipe else "")
+              + ")\n\n")  # fmt: skip
     print(header + report)
     if args.out:
         out = Path(args.out)
