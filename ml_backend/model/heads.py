@@ -148,12 +148,9 @@ def fit_pseudo_head(
             break
         sure = sure[np.argsort(-confidence[sure], kind="stable")[: PSEUDO_PER_LABEL * len(labeled)]]
         rows, guess = pool[sure], probs[sure].argmax(axis=1)
-        w = min(cfg.pseudo_weight, len(labeled) / len(rows))
-        x = np.concatenate([embeddings[labeled], embeddings[rows]])
-        yy = np.concatenate([y, guess])
-        weights = np.concatenate([np.ones(len(labeled)), np.full(len(rows), w)])
-        head = fit_head(x, yy, num_classes, mean=mean, scale=scale, c=cfg.head_c,
-                        weights=weights, init=head)  # fmt: skip
+        w = np.full(len(rows), min(cfg.pseudo_weight, len(labeled) / len(rows)))
+        head = _refit(head, embeddings, labeled, y, rows, guess, w, num_classes, mean, scale,
+                      cfg.head_c)  # fmt: skip
     return head
 
 
@@ -196,11 +193,17 @@ def fit_spread_head(
     if len(keep) > SPREAD_ROWS:
         keep = np.sort(np.random.default_rng(cfg.seed).choice(keep, SPREAD_ROWS, replace=False))
     w = w[keep] * min(1.0, cfg.spread_weight * len(labeled) / float(w[keep].sum()))
-    x = np.concatenate([embeddings[labeled], embeddings[graph.nodes[keep]]])
-    yy = np.concatenate([y, probs[keep].argmax(axis=1)])
-    weights = np.concatenate([np.ones(len(labeled)), w])
-    return fit_head(x, yy, num_classes, mean=mean, scale=scale, c=cfg.head_c, weights=weights,
-                    init=head)  # fmt: skip
+    return _refit(head, embeddings, labeled, y, graph.nodes[keep], probs[keep].argmax(axis=1), w,
+                  num_classes, mean, scale, cfg.head_c)  # fmt: skip
+
+
+def _refit(head, embeddings, labeled, y, rows, guess, weights, num_classes, mean, scale, c):
+    """``fit_head`` on the real labels (weight 1) and ``guess`` for ``rows`` (``weights``),
+    starting from ``head``."""
+    x = np.concatenate([embeddings[labeled], embeddings[rows]])
+    yy = np.concatenate([y, guess])
+    w = np.concatenate([np.ones(len(labeled)), weights])
+    return fit_head(x, yy, num_classes, mean=mean, scale=scale, c=c, weights=w, init=head)
 
 
 def column_stats(emb: np.ndarray, block: int = LOGIT_BLOCK) -> tuple[np.ndarray, np.ndarray]:
