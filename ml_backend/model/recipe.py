@@ -11,15 +11,17 @@ Candidates, cheapest first:
   move the boundary into the gaps between clusters.
 - ``head+spread``: the same head refit with labels spread along a k-nearest-neighbour graph of
   the pool's embeddings (``spreading``): every unlabeled image gets the class the labels around
-  it in the graph point to, weighted by how sure the spreading is, all of them together never
-  weighing more than the real labels. Far stronger than confident predictions alone when a
-  class's images form connected regions (a typical image labeled per region is enough).
+  it in the graph point to, weighted by how sure the spreading is, all of them together at most
+  ``spread_weight`` (half) the weight of the real labels. Far stronger than confident
+  predictions alone when a class's images form connected regions (a typical image labeled per
+  region is enough).
 - ``finetune``: from ``finetune_min_labels`` labels on, the whole network fine-tuned with
   ``train.fit`` starting from the pretrained backbone (never from a served version, whose weights
   have seen the validation tasks).
 
 The heads are compared by cross-validated accuracy over hash folds of the task ids
-(``split.fold_of``); the fine-tune, too slow to cross-validate, against the head on the hash
+(``split.fold_of``), and one that learns from the pool is served only with a clear lead over the
+plain head (``_best``); the fine-tune, too slow to cross-validate, against the head on the hash
 split's validation part. The winner is refit on every label before it is served.
 """
 
@@ -89,13 +91,16 @@ class RecipeConfig:
     @classmethod
     def from_settings(cls, settings) -> RecipeConfig:
         """Read the knobs that ``settings`` has; the others keep their defaults."""
-        pseudo = getattr(settings, "pseudo_labels", cls.pseudo_labels)
-        if isinstance(pseudo, str):
-            pseudo = pseudo.strip().lower() in ("on", "true", "1", "yes")
-        spreading_on = getattr(settings, "label_spreading", cls.label_spreading)
+
+        def switch(name: str) -> bool:
+            value = getattr(settings, name, getattr(cls, name))
+            if isinstance(value, str):
+                return value.strip().lower() in ("on", "true", "1", "yes")
+            return bool(value)
+
         return cls(
-            pseudo_labels=bool(pseudo),
-            label_spreading=bool(spreading_on),
+            pseudo_labels=switch("pseudo_labels"),
+            label_spreading=switch("label_spreading"),
             finetune_min_labels=int(
                 getattr(settings, "finetune_min_labels", cls.finetune_min_labels)
             ),

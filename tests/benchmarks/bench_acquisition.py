@@ -286,7 +286,7 @@ def summarise(rows: list[dict], strategies, budgets) -> str:
     def cell(s, value_of):
         vals = np.array([value_of(acc[(s, seed)]) for seed in seeds])
         text = f"{vals.mean():.3f} ± {vals.std(ddof=1) if len(vals) > 1 else 0:.3f}"
-        if s == "random":
+        if s == "random" or ("random", seeds[0]) not in acc:  # no random run: no differences
             return text
         base = np.array([value_of(acc[("random", seed)]) for seed in seeds])
         diff = vals - base

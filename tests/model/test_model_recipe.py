@@ -181,11 +181,12 @@ def test_finetune_is_tried_from_enough_labels(pool):
 def test_config_from_settings():
     settings = types.SimpleNamespace(
         epochs=3, batch_size=16, learning_rate=2e-3, seed=9, pseudo_labels="off",
-        finetune_min_labels=50,
+        finetune_min_labels=50, label_spreading=False,
     )  # fmt: skip
     cfg = RecipeConfig.from_settings(settings)
     assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.seed) == (3, 16, 2e-3, 9)
     assert cfg.pseudo_labels is False and cfg.finetune_min_labels == 50
+    assert cfg.label_spreading is False
     assert RecipeConfig.from_settings(object()) == RecipeConfig()
 
 
