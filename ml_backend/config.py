@@ -131,7 +131,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "uncertain tasks.",
     ),
     "AUTO_LABELS_PER_CLASS": (
-        "12",
+        "6",
         "auto: switch from typicality to diversified once there are this many labels per class "
         "on average (and the model's accuracy evidence reaches AUTO_MIN_ACCURACY).",
     ),
@@ -430,7 +430,7 @@ class Settings:
     uncertainty: str = "entropy"
     queue_batch: int = 20
     shortlist_factor: int = 5
-    auto_labels_per_class: float = 12.0
+    auto_labels_per_class: float = 6.0
     auto_min_accuracy: float = 0.0
     keep_versions: int = 3
     queue_depth: int = 100
