@@ -137,7 +137,7 @@ def train_served_model(
         backbone_state: The pretrained backbone (``None``: random init).
         embeddings: ``float32 [N, 512]`` of the pool through that backbone (``features.embed``).
         cfg: The recipe's knobs.
-        device: Where a fine-tune runs.
+        device: Where a fine-tune runs and the spread head's neighbour graph is built.
         progress: Passed on to ``train.fit`` (per-epoch dicts) when a fine-tune runs.
         log: Logger for the decision line.
 
@@ -149,7 +149,7 @@ def train_served_model(
     log = log or logger
     started = time.perf_counter()
     emb = np.asarray(embeddings)  # float32 stays float32: heads take float64 rows as they need
-    choice = choose_head(emb, labeled_idx, labels, task_ids, num_classes, cfg)
+    choice = choose_head(emb, labeled_idx, labels, task_ids, num_classes, cfg, device=device)
     labeled_idx, y = np.asarray(labeled_idx, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     served, why, candidates = choice.served, choice.why, choice.candidates
     mean, scale, val_size = choice.mean, choice.scale, choice.val_size
@@ -208,13 +208,14 @@ def choose_head(
     cfg: RecipeConfig,
     *,
     graph: spreading.Graph | None = None,
+    device: torch.device | str = "cpu",
 ) -> HeadChoice:
     """Cross-validate the heads over hash folds of the task ids, refit the best on every label.
 
     The heads: ``head``, ``head+pseudo`` (``cfg.pseudo_labels``) and ``head+spread``
     (``cfg.label_spreading``); a tie, or too few labels to cross-validate, serves ``head``.
     ``graph``: the pool's kNN graph when the caller has it (it must hold every labeled row);
-    built here otherwise.
+    built here otherwise, on ``device``.
     """
     labeled_idx = np.asarray(labeled_idx, dtype=np.int64)
     y = np.asarray(labels, dtype=np.int64)
@@ -230,7 +231,7 @@ def choose_head(
         heads["head+pseudo"] = _pseudo_head(cfg)
     if cfg.label_spreading and len(np.unique(y)) >= 2:
         if graph is None:
-            graph = spreading.build_graph(emb, labeled_idx, seed=cfg.seed)
+            graph = spreading.build_graph(emb, labeled_idx, seed=cfg.seed, device=device)
         heads["head+spread"] = _spread_head(cfg, graph)
     right = _cross_validate(heads, emb, labeled_idx, y, folds, num_classes, mean, scale, cfg.head_c)
     val_size = len(right["head"])

@@ -15,8 +15,9 @@ semi-supervised learning") carries each label along the graph:
 The spread labels are not served directly: ``recipe`` fits its linear head on them (weighted by
 how sure the spreading is), so what is served stays a plain ResNet18 with an ``fc`` layer.
 
-The neighbour search runs in torch (on ``device``: a GPU when there is one); memory is bounded by ``GRAPH_ROWS`` (the graph is built over a seeded sample
-of the pool that always holds the labeled rows) and ``BLOCK`` rows of similarities at a time.
+The neighbour search runs in torch on the caller's ``device`` (the job's: a GPU when there is
+one); memory is bounded by ``GRAPH_ROWS`` (the graph is built over a seeded sample of the pool
+that always holds the labeled rows) and ``BLOCK`` rows of similarities at a time.
 """
 
 from __future__ import annotations

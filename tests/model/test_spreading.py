@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from ml_backend.model import heads, recipe, spreading
 from ml_backend.model.recipe import RecipeConfig, _best, fit_head, fit_spread_head
@@ -176,3 +177,12 @@ def test_among_clear_leaders_the_most_right_wins():
     a[:5], b[:8] = True, True
     assert _best({"head": head, "a": a, "b": b}, default="head") == "b"
     assert _best({"head": np.zeros(0, bool), "a": np.zeros(0, bool)}, default="head") == "head"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_graph_built_on_a_gpu_is_the_cpu_one():
+    x, _ = blobs()
+    cpu = spreading.build_graph(x, [0], device="cpu")
+    gpu = spreading.build_graph(x, [0], device="cuda")
+    np.testing.assert_array_equal(cpu.nodes, gpu.nodes)
+    np.testing.assert_allclose(cpu.s.toarray(), gpu.s.toarray(), atol=1e-5)
