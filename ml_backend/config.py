@@ -123,7 +123,10 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "Queue order: auto (typicality until the model is trusted, then diversified), "
         "diversified, uncertainty, coreset, random or typicality.",
     ),
-    "UNCERTAINTY": ("entropy", "Uncertainty measure: entropy, margin or least_confidence."),
+    "UNCERTAINTY": (
+        "margin",
+        "Uncertainty measure of diversified and uncertainty: margin, entropy or least_confidence.",
+    ),
     "QUEUE_BATCH": ("20", "Size of the diversified batch at the top of the queue."),
     "SHORTLIST_FACTOR": (
         "5",
@@ -427,7 +430,7 @@ class Settings:
     inference_batch_size: int = 256
     embed_chunk: int = 10_000
     strategy: str = "auto"
-    uncertainty: str = "entropy"
+    uncertainty: str = "margin"
     queue_batch: int = 20
     shortlist_factor: int = 5
     auto_labels_per_class: float = 6.0

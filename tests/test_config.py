@@ -30,6 +30,18 @@ def test_defaults_from_empty_environment_match_the_dataclass():
     assert Settings.from_env({}) == Settings()
 
 
+def test_selection_defaults_are_the_settings_defaults():
+    from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY
+    from ml_backend.selection.uncertainty import DEFAULT_MEASURE
+    from ml_backend.simulation.loop import SimConfig
+
+    settings = Settings()
+    assert settings.uncertainty == DEFAULT_MEASURE == "margin"
+    assert SimConfig.__dataclass_fields__["measure"].default == DEFAULT_MEASURE
+    assert settings.auto_labels_per_class == AUTO_LABELS_PER_CLASS
+    assert settings.auto_min_accuracy == AUTO_MIN_ACCURACY
+
+
 def test_values_are_parsed():
     settings = Settings.from_env(
         {

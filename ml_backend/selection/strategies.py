@@ -41,6 +41,7 @@ from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, 
 from ml_backend.selection.inputs import check_rows, is_number, validated_mask
 from ml_backend.selection.kcenter import k_center_greedy_details
 from ml_backend.selection.typicality import typicality_order
+from ml_backend.selection.uncertainty import DEFAULT_MEASURE
 from ml_backend.selection.uncertainty import uncertainty as score_uncertainty
 
 
@@ -219,7 +220,7 @@ def rank(
     labeled_mask,
     batch: int = 20,
     shortlist_factor: float = 5,
-    measure: str = "entropy",
+    measure: str = DEFAULT_MEASURE,
     seed: int | None = 0,
     device=None,
     evidence=None,
@@ -238,7 +239,8 @@ def rank(
         batch: size of the batch at the top of the queue (``QUEUE_BATCH``), >= 1.
         shortlist_factor: diversified picks its batch among the ``batch * shortlist_factor`` most
             uncertain rows (``SHORTLIST_FACTOR``), >= 1.
-        measure: uncertainty measure: "entropy", "margin" or "least_confidence".
+        measure: uncertainty measure: "margin" (the default, ``DEFAULT_MEASURE``), "entropy" or
+            "least_confidence".
         seed: seed of the random strategy and of typicality's k-means.
         device: torch device for k-center and k-means; None means CUDA when available, else CPU.
         evidence: for ``auto``: None or a mapping with ``labels_per_class``, ``val_accuracy``,

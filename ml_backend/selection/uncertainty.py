@@ -138,3 +138,8 @@ def _validated(probs) -> np.ndarray:
 
 _SCORERS = {"entropy": _entropy, "margin": _margin, "least_confidence": _least_confidence}
 MEASURES = tuple(_SCORERS)
+# The backend's default (setting UNCERTAINTY). Margin, measured against entropy with the recipe's
+# head after auto's switch (MNIST-5k, digits, weather; 5 seeds; docs/selection.md): it asks
+# "which two classes is the model torn between", which is what a label settles, where entropy
+# also rewards spreading a little mass over many unlikely classes.
+DEFAULT_MEASURE = "margin"

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from ml_backend.selection.uncertainty import DEFAULT_MEASURE
 from ml_backend.simulation.data import Dataset, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class SimConfig:
     device: str = "cpu"
     pretrained: str = "none"
     shortlist_factor: float = 5.0
-    measure: str = "entropy"
+    measure: str = DEFAULT_MEASURE
     inference_batch_size: int = 256
     recipe: str = "backend"  # or "legacy"
     pretrain_budget_s: float = 60.0

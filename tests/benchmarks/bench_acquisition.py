@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ml_backend.selection import rank, typicality_order  # noqa: E402
+from ml_backend.selection.uncertainty import DEFAULT_MEASURE, MEASURES  # noqa: E402
 
 STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto", "auto-cv")
 REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800)
@@ -232,6 +233,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             embeddings=emb[pool],
             labeled_mask=mask_pool,
             batch=args.batch,
+            measure=args.uncertainty,
             seed=seed,
             device="cpu",
             evidence=evidence,
@@ -425,6 +427,13 @@ def main() -> None:
     ap.add_argument("--model", default="logreg-pca")
     ap.add_argument("--auto-labels-per-class", type=float, default=None)
     ap.add_argument("--auto-min-accuracy", type=float, default=None)
+    ap.add_argument(
+        "--uncertainty",
+        default=DEFAULT_MEASURE,
+        choices=MEASURES,
+        help="uncertainty measure of diversified and uncertainty (default: the backend's, "
+        "%(default)s)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="folder for <dataset>_rounds.csv, summary, plot")
     ap.add_argument("--tag", default="acquisition", help="file name prefix in --out")
@@ -477,7 +486,7 @@ def main() -> None:
             f"{dataset}: {len(y):,} images, pool {len(pool):,}, test {len(test):,}; "
             f"{args.seeds} seeds; batch {args.batch}; model: {getattr(model, 'name', args.model)}; "
             f"auto: AUTO_LABELS_PER_CLASS={args.auto_labels_per_class:g}, "
-            f"AUTO_MIN_ACCURACY={args.auto_min_accuracy:g}"
+            f"AUTO_MIN_ACCURACY={args.auto_min_accuracy:g}; UNCERTAINTY={args.uncertainty}"
             f"; {wall:.0f} s"
         )
         table = summarise(rows, strategies, REPORT_BUDGETS)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ml_backend import config
 from ml_backend.errors import SelectionInputError
-from ml_backend.selection import MEASURES, STRATEGIES, entropy, rank
+from ml_backend.selection import MEASURES, STRATEGIES, margin, rank
 
 
 def pool(n=60, c=3, d=8, labeled=6, seed=0):
@@ -49,6 +49,16 @@ def test_uncertainty_known_order():
     assert r.strategy == "uncertainty"
 
 
+def test_default_measure_is_margin_where_entropy_disagrees():
+    # Torn between two classes (margin 1.0, entropy 0.5) against a little mass on every class
+    # (margin 0.8, entropy 0.96): the default (margin) asks about the first, entropy the second.
+    probs = np.array([[0.5, 0.5, 0.0, 0.0], [0.4, 0.2, 0.2, 0.2], [1.0, 0.0, 0.0, 0.0]])
+    mask = np.zeros(3, bool)
+    assert rank("uncertainty", probs=probs, labeled_mask=mask, batch=1).order.tolist() == [0, 1, 2]
+    by_entropy = rank("uncertainty", probs=probs, labeled_mask=mask, batch=1, measure="entropy")
+    assert by_entropy.order.tolist() == [1, 0, 2]
+
+
 def test_random_is_a_seeded_permutation():
     probs, emb, mask = pool()
     a = rank("random", labeled_mask=mask, seed=3)
@@ -75,7 +85,7 @@ def test_coreset_rest_sorted_by_distance():
     rest = r.distance[r.order[10:]]
     assert (np.diff(rest) <= 1e-12).all()
     assert np.isnan(r.distance[mask]).all()
-    np.testing.assert_allclose(r.uncertainty, entropy(probs))
+    np.testing.assert_allclose(r.uncertainty, margin(probs))  # the default measure
 
 
 def test_diversified_is_the_documented_formula():
