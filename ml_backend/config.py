@@ -134,7 +134,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "uncertain tasks.",
     ),
     "AUTO_LABELS_PER_CLASS": (
-        "6",
+        "3",
         "auto: switch from typicality to diversified once there are this many labels per class "
         "on average (and the model's accuracy evidence reaches AUTO_MIN_ACCURACY).",
     ),
@@ -433,7 +433,7 @@ class Settings:
     uncertainty: str = "margin"
     queue_batch: int = 20
     shortlist_factor: int = 5
-    auto_labels_per_class: float = 6.0
+    auto_labels_per_class: float = 3.0
     auto_min_accuracy: float = 0.0
     keep_versions: int = 3
     queue_depth: int = 100
