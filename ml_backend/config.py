@@ -16,7 +16,7 @@ from typing import Any
 
 from ml_backend.errors import ConfigError
 
-STRATEGIES = ("diversified", "uncertainty", "coreset", "random", "typicality", "auto")
+STRATEGIES = ("diversified", "uncertainty", "coreset", "random", "typicality", "badge", "auto")
 UNCERTAINTY_MEASURES = ("entropy", "margin", "least_confidence")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -121,7 +121,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "STRATEGY": (
         "auto",
         "Queue order: auto (typicality until the model is trusted, then diversified), "
-        "diversified, uncertainty, coreset, random or typicality.",
+        "diversified, badge, uncertainty, coreset, random or typicality.",
     ),
     "UNCERTAINTY": (
         "margin",

@@ -9,6 +9,11 @@ it into a sentence, with the class names and the model's probabilities when give
 | ``typical_again`` | typicality: typical of a group that already has labeled or queued images |
 | ``uncertain_far`` | diversified: in the uncertainty shortlist and farthest from labeled/picked |
 | ``uncertain`` | diversified after its batch, and uncertainty: by how unsure the model is |
+| ``uncertain_varied`` | badge's batch: unsure, and unlike the batch's other picks in gradient space |
+
+For the uncertainty codes the words name the two likeliest classes; when the likeliest is at
+least ``SURE_ENOUGH`` (80%) the model is not called unsure: the sentence says how many unlabeled
+images leave it less sure instead.
 | ``far`` | coreset: far from every labeled (and earlier picked) image |
 | ``random`` | random order |
 """
@@ -19,7 +24,15 @@ from collections.abc import Sequence
 
 import numpy as np
 
-REASONS = ("typical", "typical_again", "uncertain_far", "uncertain", "far", "random")
+REASONS = (
+    "typical",
+    "typical_again",
+    "uncertain_far",
+    "uncertain",
+    "uncertain_varied",
+    "far",
+    "random",
+)
 
 
 def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, probs=None) -> str:
@@ -49,11 +62,13 @@ def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, prob
             f"typical of a group of {size} similar images ({' and '.join(done) or 'none labeled'}"
             "), to cover it better"
         )
-    if code in ("uncertain_far", "uncertain"):
+    if code in ("uncertain_far", "uncertain", "uncertain_varied"):
         unsure = _unsure(ranking, row, class_names, probs)
-        if code == "uncertain":
-            return unsure
-        return f"{unsure}, and it is far from every labeled image"
+        if code == "uncertain_far":
+            return f"{unsure}, and it is far from every labeled image"
+        if code == "uncertain_varied":
+            return f"{unsure}, in a way unlike the other tasks picked with it"
+        return unsure
     if code == "far":
         if np.isinf(ranking.distance[row]):
             return "the image most unlike the average image (nothing is labeled yet)"
@@ -61,6 +76,11 @@ def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, prob
     if code == "random":
         return "picked at random"
     return ""
+
+
+# Above this top probability the model is not "unsure" in words a labeler reads; the row is
+# still among the least sure of the pool (the queue's top), and the sentence says that instead.
+SURE_ENOUGH = 0.8
 
 
 def _unsure(ranking, row: int, class_names, probs) -> str:
@@ -77,7 +97,16 @@ def _unsure(ranking, row: int, class_names, probs) -> str:
     def name(c: int) -> str:
         return str(class_names[c]) if class_names is not None and c < len(class_names) else str(c)
 
-    return (
-        f"the model is unsure (between {name(first)} {p[first]:.0%} and "
-        f"{name(second)} {p[second]:.0%})"
-    )
+    pair = f"{name(first)} {p[first]:.0%} and {name(second)} {p[second]:.0%}"
+    if p[first] < SURE_ENOUGH or not np.isfinite(u):
+        return f"the model is unsure (between {pair})"
+    # A nearly solved project: the top of the queue can be 94% sure. Say what is true: how few
+    # unlabeled images the model is less sure of.
+    unlabeled = ranking.reason != ""
+    scores = ranking.uncertainty[unlabeled]
+    less_sure = int(np.sum(np.isfinite(scores) & (scores > u)))
+    if less_sure == 0:
+        where = "no unlabeled image leaves it less sure"
+    else:
+        where = f"only {less_sure} of the {len(scores)} unlabeled images leave it less sure"
+    return f"the model is fairly sure ({pair}), but {where}"

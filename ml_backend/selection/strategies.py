@@ -21,6 +21,10 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
 
 - ``typicality``: TypiClust (``typicality.py``): the most typical row of each of the largest
   groups of similar rows that hold no labeled row, then round-robin over the groups.
+- ``badge``: BADGE (``badge.py``): k-means++ seeding over the gradient embeddings
+  ``(p_i - onehot(argmax p_i)) (x) h_i`` of ``U`` for the batch (uncertain rows that differ in how
+  the model is unsure or in what they show), then the rest of ``U`` by descending squared gradient
+  distance to the nearest pick. Seeded by ``seed``; labeled rows are not centres.
 - ``auto``: ``typicality`` until the model has earned trust, then ``diversified``; the rule and the
   evidence it reads are in ``auto.py``.
 
@@ -35,9 +39,11 @@ import dataclasses
 import math
 
 import numpy as np
+import torch
 
 from ml_backend.errors import SelectionInputError
 from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, decide
+from ml_backend.selection.badge import badge_picks
 from ml_backend.selection.inputs import check_rows, is_number, validated_mask
 from ml_backend.selection.kcenter import k_center_greedy_details
 from ml_backend.selection.typicality import typicality_order
@@ -87,6 +93,7 @@ class _Pool:
     unlabeled: np.ndarray  # int64, ascending
     labeled: np.ndarray  # int64, ascending
     scores: np.ndarray | None  # float64 [N] uncertainty, None at cold start
+    probs: object  # [N, C] probabilities as given, None at cold start
     embeddings: object
     batch: int
     shortlist_factor: float
@@ -178,6 +185,19 @@ class DiversifiedStrategy(Strategy):
         return np.concatenate([picks, rest])
 
 
+class BadgeStrategy(Strategy):
+    needs_scores = True
+    needs_embeddings = True
+
+    def order(self, pool, notes):
+        res = badge_picks(pool.probs, pool.embeddings, pool.unlabeled, pool.batch,
+                          seed=pool.seed, device=pool.device)  # fmt: skip
+        notes.reason[pool.unlabeled] = "uncertain"
+        notes.reason[res.picks] = "uncertain_varied"
+        rest = np.setdiff1d(pool.unlabeled, res.picks)
+        return np.concatenate([res.picks, _by_descending(rest, res.min_d2)])
+
+
 class TypicalityStrategy(Strategy):
     needs_embeddings = True
 
@@ -207,6 +227,7 @@ STRATEGIES: dict[str, Strategy] = {
     "coreset": CoresetStrategy(),
     "random": RandomStrategy(),
     "typicality": TypicalityStrategy(),
+    "badge": BadgeStrategy(),
     "auto": AutoStrategy(),
 }
 COLD_START_FALLBACK = "typicality"
@@ -231,9 +252,9 @@ def rank(
 
     Args:
         strategy: one of ``STRATEGIES``: "diversified", "uncertainty", "coreset", "random",
-            "typicality", "auto".
+            "typicality", "badge", "auto".
         probs: ``[N, C]`` class probabilities of the current model, or None at cold start.
-        embeddings: ``[N, d]`` embeddings (numpy or torch); needed by coreset, diversified,
+        embeddings: ``[N, d]`` embeddings (numpy or torch); needed by coreset, diversified, badge,
             typicality and auto.
         labeled_mask: ``bool [N]``, True where the row is labeled. Defines ``N``.
         batch: size of the batch at the top of the queue (``QUEUE_BATCH``), >= 1.
@@ -302,6 +323,7 @@ def rank(
         unlabeled=np.flatnonzero(~mask),
         labeled=np.flatnonzero(mask),
         scores=scores,
+        probs=None if probs is None else _numpy(probs),
         embeddings=embeddings,
         batch=int(batch),
         shortlist_factor=float(shortlist_factor),
@@ -326,6 +348,12 @@ def rank(
         group_queued=notes.group_queued,
         decision=decision,
     )
+
+
+def _numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
 
 
 def _by_descending(rows: np.ndarray, value: np.ndarray) -> np.ndarray:

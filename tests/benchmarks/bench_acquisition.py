@@ -60,7 +60,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ml_backend.selection import rank, typicality_order  # noqa: E402
 from ml_backend.selection.uncertainty import DEFAULT_MEASURE, MEASURES  # noqa: E402
 
-STRATEGIES = ("random", "uncertainty", "coreset", "diversified", "typicality", "auto", "auto-cv")
+STRATEGIES = (
+    "random",
+    "uncertainty",
+    "coreset",
+    "diversified",
+    "typicality",
+    "badge",
+    "auto",
+    "auto-cv",
+)
 REPORT_BUDGETS = (10, 20, 30, 50, 100, 150, 200, 300, 400, 500, 600, 700, 800)
 
 

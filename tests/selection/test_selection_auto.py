@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ml_backend.errors import SelectionInputError
-from ml_backend.selection import REASONS, decide, explain, rank
+from ml_backend.selection import REASONS, STRATEGIES, decide, explain, rank
 
 
 def pool(n=200, c=4, labeled=8, seed=0):
@@ -148,7 +148,7 @@ def test_rank_auto_bad_input(kwargs, match):
 
 def test_reasons_cover_every_ranked_row():
     probs, emb, mask = pool()
-    for name in ("diversified", "uncertainty", "coreset", "random", "typicality", "auto"):
+    for name in STRATEGIES:
         r = rank(name, probs=probs, embeddings=emb, labeled_mask=mask, batch=6)
         assert set(r.reason[r.order]) <= set(REASONS)
         assert (r.reason[mask] == "").all()
@@ -194,6 +194,31 @@ def test_uncertainty_reasons_name_the_classes():
         "the model is unsure (between cat 50% and dog 30%)"
     )
     assert explain(r, 0).startswith("the model is unsure (uncertainty 0.")
+
+
+def test_a_sure_model_is_not_called_unsure():
+    # A nearly solved project: even the queue's top is 94% sure. The words say how few unlabeled
+    # images leave the model less sure, not that it is unsure.
+    probs = np.array([[0.94, 0.04, 0.02], [0.99, 0.005, 0.005], [0.97, 0.02, 0.01],
+                      [0.6, 0.3, 0.1], [0.1, 0.1, 0.8]])  # fmt: skip
+    emb = np.array([[0.0, 0.0], [1.0, 0.0], [5.0, 5.0], [0.0, 1.0], [3.0, 3.0]])
+    mask = np.array([False, False, False, False, True])
+    r = rank("uncertainty", probs=probs, embeddings=emb, labeled_mask=mask, batch=2)
+    names = ["Sunny", "Cloudy", "Rain"]
+    assert list(r.order[:2]) == [3, 0]
+    assert explain(r, 3, class_names=names, probs=probs) == (
+        "the model is unsure (between Sunny 60% and Cloudy 30%)"
+    )
+    assert explain(r, 0, class_names=names, probs=probs) == (
+        "the model is fairly sure (Sunny 94% and Cloudy 4%), but only 1 of the 4 unlabeled "
+        "images leave it less sure"
+    )
+    mask[3] = True
+    r = rank("uncertainty", probs=probs, embeddings=emb, labeled_mask=mask, batch=1)
+    assert explain(r, 0, class_names=names, probs=probs) == (
+        "the model is fairly sure (Sunny 94% and Cloudy 4%), but no unlabeled image leaves it "
+        "less sure"
+    )
 
 
 def test_coreset_and_random_reasons_in_words():

@@ -13,7 +13,7 @@ Where they differ, on purpose (each has its test below):
   round-robin: the most typical unlabeled row of the group with the fewest labeled or queued rows;
 - groups smaller than ``MIN_CLUSTER_SIZE`` come last here (as in the TypiClust authors' code,
   which drops them); scikit-activeml treats them like any other group.
-ProbCover and BADGE are not implemented here, so there is nothing to cross-check for them.
+BADGE's cross-check is in ``test_selection_badge.py``; ProbCover is not implemented here.
 """
 
 from __future__ import annotations
