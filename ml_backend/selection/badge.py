@@ -34,7 +34,7 @@ import torch
 
 from ml_backend.selection.kcenter import _as_tensor, _exact_matmul, _resolve_device
 
-_ROWS_PER_PASS = 2**18  # rows per chunk of a distance pass (bounds the float64 temporaries)
+_ROWS_PER_CHUNK = 2**15  # rows per chunk of a pass (bounds the temporaries: 128 MiB at d = 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,8 @@ def badge_picks(probs, embeddings, candidates, k: int, *, seed: int | None = 0,
     p = torch.as_tensor(np.asarray(probs, dtype=np.float64)[cand], device=dev)
     a = p.clone()
     a[torch.arange(len(cand), device=dev), p.argmax(dim=1)] -= 1.0  # p - onehot(argmax p)
-    h = _standardised(_as_tensor(embeddings), cand, dev)
-    a_sq, h_sq = (a * a).sum(dim=1), (h * h).sum(dim=1, dtype=torch.float64)
-    norm_sq = a_sq * h_sq  # ||g_i||^2
+    h, h_sq = _standardised(_as_tensor(embeddings), cand, dev)
+    norm_sq = (a * a).sum(dim=1) * h_sq  # ||g_i||^2
     rng = np.random.default_rng(seed)
     first = int(torch.argmax(norm_sq))  # torch.argmax returns the first of equal maxima
     picks, pick_d2 = [first], [float(norm_sq[first])]
@@ -103,29 +102,34 @@ def badge_picks(probs, embeddings, candidates, k: int, *, seed: int | None = 0,
     return BadgeResult(cand[np.asarray(picks, dtype=np.int64)], np.asarray(pick_d2), min_d2)
 
 
-def _standardised(x: torch.Tensor, rows: np.ndarray, dev) -> torch.Tensor:
-    """``rows`` of ``x`` on ``dev``, standardised with the whole pool's columns (statistics in
-    float64; the copy in the input's precision, float32 unless float64: one copy of the rows)."""
-    mean = torch.zeros(x.shape[1], dtype=torch.float64)
-    sq = torch.zeros(x.shape[1], dtype=torch.float64)
-    for start in range(0, len(x), _ROWS_PER_PASS):
-        part = x[start : start + _ROWS_PER_PASS].to(dev, torch.float64)
-        mean += part.sum(dim=0).cpu()
-        sq += (part * part).sum(dim=0).cpu()
+def _standardised(x: torch.Tensor, rows: np.ndarray, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` of ``x`` on ``dev``, standardised with the whole pool's columns, and their squared
+    norms (float64). Statistics are summed in float64; the copy is in the input's precision
+    (float32 unless float64) and is the only one: chunks bound every temporary."""
+    mean = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
+    sq = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
+    for start in range(0, len(x), _ROWS_PER_CHUNK):
+        part = x[start : start + _ROWS_PER_CHUNK].to(dev).double()
+        mean += part.sum(dim=0)
+        sq += (part * part).sum(dim=0)
     mean /= len(x)
-    scale = ((sq / len(x) - mean * mean).clamp_min(0.0)).sqrt() + 1e-6
-    index = torch.as_tensor(rows, device=x.device)
-    h = x.index_select(0, index).to(dev)
-    h -= mean.to(dev, h.dtype)
-    h /= scale.to(dev, h.dtype)
-    return h
+    scale = (sq / len(x) - mean * mean).clamp_min(0.0).sqrt() + 1e-6
+    h = torch.empty((len(rows), x.shape[1]), dtype=x.dtype, device=dev)
+    h_sq = torch.empty(len(rows), dtype=torch.float64, device=dev)
+    mean, scale = mean.to(x.dtype), scale.to(x.dtype)
+    for start in range(0, len(rows), _ROWS_PER_CHUNK):
+        index = torch.as_tensor(rows[start : start + _ROWS_PER_CHUNK], device=x.device)
+        part = (x.index_select(0, index).to(dev) - mean) / scale
+        h[start : start + len(part)] = part
+        h_sq[start : start + len(part)] = (part.double() ** 2).sum(dim=1)
+    return h, h_sq
 
 
 def _d2_to(a: torch.Tensor, h: torch.Tensor, norm_sq: torch.Tensor, j: int) -> torch.Tensor:
     """Squared gradient distance of every candidate to candidate ``j`` (clamped at 0)."""
     out = torch.empty_like(norm_sq)
-    for start in range(0, len(a), _ROWS_PER_PASS):
-        stop = start + _ROWS_PER_PASS
+    for start in range(0, len(a), _ROWS_PER_CHUNK):
+        stop = start + _ROWS_PER_CHUNK
         cross = (a[start:stop] @ a[j]) * (h[start:stop] @ h[j]).double()
         out[start:stop] = norm_sq[start:stop] + norm_sq[j] - 2.0 * cross
     return out.clamp_min_(0.0)

@@ -4,7 +4,8 @@ Not collected by pytest. Run from the repository root:
 
     python tests/benchmarks/bench_acquisition.py [--datasets digits,mnist --seeds 10 --batch 10
         --max-labels 300 --model logreg-pca --out docs/results]
-    python tests/benchmarks/bench_acquisition.py --scale [--n 100000,1000000 --d 512 --device cpu]
+    python tests/benchmarks/bench_acquisition.py --scale [--n 100000,1000000 --d 512 --device cpu
+        --scale-orders typicality,badge]
 
 Label efficiency. For each dataset and seed: a stratified 25% test split; the rest is the pool,
 with no label. Every strategy starts from zero labels and ranks the pool with
@@ -33,7 +34,9 @@ two standard errors of the paired differences.
 
 Scale (``--scale``): time and peak memory (``ru_maxrss``) of ``typicality_order`` on random
 float32 data, ``N`` rows x ``d``, with 10 labeled rows and ``batch=20`` (K = 30 groups) and with
-490 labeled (K = 500, the cap), each in a fresh subprocess so the peak is its own.
+480 labeled (K = 500, the cap), and of BADGE's batch of 20 (``badge_picks``, 10 classes of
+Dirichlet probabilities) over the unlabeled rows, each in a fresh subprocess so the peak is its
+own (``--scale-orders typicality,badge``).
 """
 
 from __future__ import annotations
@@ -383,23 +386,31 @@ def report_from_csv(args, strategies) -> None:
 # ---------------------------------------------------------------- scale
 
 
-def scale_one(n: int, d: int, labeled: int, device: str) -> dict:
+def scale_one(n: int, d: int, labeled: int, device: str, what: str = "typicality") -> dict:
+    from ml_backend.selection.badge import badge_picks
+
     x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    probs = np.random.default_rng(1).dirichlet(np.ones(10), n) if what == "badge" else None
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    res = typicality_order(x, np.arange(labeled), 20, device=device)
+    if what == "badge":
+        badge_picks(probs, x, np.arange(labeled, n), 20, seed=0, device=device)
+        groups = "-"
+    else:
+        groups = typicality_order(x, np.arange(labeled), 20, device=device).n_clusters
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
+        "what": what,
         "n": n,
         "d": d,
         "labeled": labeled,
-        "clusters": res.n_clusters,
+        "clusters": groups,
         "seconds": round(seconds, 2),
         "peak_rss_gb": round(peak / 2**20, 2),
-        "input_gb": round(x.nbytes / 2**30, 2),
+        "input_gb": round((x.nbytes + (0 if probs is None else probs.nbytes)) / 2**30, 2),
         "rss_before_gb": round(rss0 / 2**20, 2),
     }
 
@@ -409,17 +420,26 @@ def scale(args) -> None:
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
         f"{torch.__version__} ({args.threads} threads), load average {os.getloadavg()[0]:.1f}"
     )
-    print("| N | d | labeled | groups K | device | seconds | peak RSS GB (input GB) |")
-    print("|---|---|---|---|---|---|---|")
-    for n in [int(v) for v in args.n.split(",")]:
-        for labeled in (10, 480):
-            cmd = [sys.executable, __file__, "--scale-one", f"{n},{args.d},{labeled},{args.device}"]
-            cmd += ["--threads", str(args.threads)]
-            out = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
-            print(
-                f"| {n:,} | {args.d} | {labeled} | {out['clusters']} | {args.device} | "
-                f"{out['seconds']:.1f} | {out['peak_rss_gb']:.1f} ({out['input_gb']:.1f}) |"
-            )
+    print("| order | N | d | labeled | groups K | device | seconds | peak RSS GB (input GB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for what in args.scale_orders.split(","):
+        for n in [int(v) for v in args.n.split(",")]:
+            for labeled in (10, 480):
+                spec = f"{n},{args.d},{labeled},{args.device},{what}"
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--scale-one",
+                    spec,
+                    "--threads",
+                    str(args.threads),
+                ]
+                out = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+                print(
+                    f"| {what} | {n:,} | {args.d} | {labeled} | {out['clusters']} | "
+                    f"{args.device} | {out['seconds']:.1f} | {out['peak_rss_gb']:.1f} "
+                    f"({out['input_gb']:.1f}) |"
+                )
 
 
 # ---------------------------------------------------------------- main
@@ -458,12 +478,13 @@ def main() -> None:
     ap.add_argument("--n", default="100000,1000000")
     ap.add_argument("--d", type=int, default=512)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--scale-orders", default="typicality,badge", help="--scale: which orders")
     ap.add_argument("--scale-one", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.scale_one:
-        n, d, labeled, device = args.scale_one.split(",")
-        print(json.dumps(scale_one(int(n), int(d), int(labeled), device)))
+        n, d, labeled, device, what = args.scale_one.split(",")
+        print(json.dumps(scale_one(int(n), int(d), int(labeled), device, what)))
         return
     if args.scale:
         scale(args)

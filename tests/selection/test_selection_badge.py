@@ -160,3 +160,14 @@ def test_draws_follow_d2():
             for s in range(300)]  # fmt: skip
     for grp in range(3):
         assert abs(ours.count(grp) / 300 - share[grp]) < 0.1, (grp, share)
+
+
+def test_chunked_passes_give_the_same_batch(monkeypatch):
+    from ml_backend.selection import badge
+
+    probs, emb, _ = random_pool(9, n=100)
+    whole = badge_picks(probs, emb, np.arange(3, 100), 8, seed=2, device="cpu")
+    monkeypatch.setattr(badge, "_ROWS_PER_CHUNK", 7)  # 100 rows in 15 chunks, the last short
+    chunked = badge_picks(probs, emb, np.arange(3, 100), 8, seed=2, device="cpu")
+    np.testing.assert_array_equal(whole.picks, chunked.picks)
+    np.testing.assert_allclose(whole.min_d2, chunked.min_d2, rtol=1e-5, atol=1e-9)
