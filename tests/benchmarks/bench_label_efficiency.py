@@ -26,6 +26,10 @@ Methods:
 - ``previous`` (with ``--compare-recipe REV``): the same, on the same backbone and labeled sets,
   with ``ml_backend/model/recipe.py`` as it was at git revision ``REV`` (the previous code's
   choice of head), so a change to the recipe is measured against what it replaces in one run.
+  ``--compare-finetune-min-labels`` sets its fine-tuning threshold apart: with
+  ``--compare-recipe HEAD --finetune-min-labels 200 --compare-finetune-min-labels 1000000000``,
+  ``pipeline`` is the backend's default (fine-tuning from 200 labels) and ``previous`` the same
+  recipe with heads only.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ def run_dataset(name: str, args) -> list[dict]:
                 acc["previous"], _ = pipeline_accuracy(
                     previous, images, labels, lab, rest, task_ids, num_classes, seed, args,
                     (result.state_dict, emb), (random_state, emb_random),
+                    finetune_min_labels=args.compare_finetune_min_labels,
                 )  # fmt: skip
             if budget in args.before_budgets and seed < args.before_seeds:
                 acc["before"] = before(
@@ -204,12 +209,15 @@ def recipe_at(rev: str):
 
 
 def pipeline_accuracy(recipe, images, labels, lab, rest, task_ids, num_classes, seed, args,
-                      own, pretrained) -> tuple[float, dict]:  # fmt: skip
+                      own, pretrained, finetune_min_labels=None) -> tuple[float, dict]:  # fmt: skip
     """Accuracy on ``rest`` of what ``recipe.train_served_model`` serves, as the job runs it: a
     head on the PRETRAINED (here random-init) backbone is tried too and served when its
     cross-validated accuracy is higher (ties: self-supervised). ``own``/``pretrained``:
-    ``(state_dict, embeddings)`` of each backbone."""
-    cfg = recipe.RecipeConfig(seed=seed, finetune_min_labels=args.finetune_min_labels)
+    ``(state_dict, embeddings)`` of each backbone; ``finetune_min_labels``: default
+    ``--finetune-min-labels``."""
+    if finetune_min_labels is None:
+        finetune_min_labels = args.finetune_min_labels
+    cfg = recipe.RecipeConfig(seed=seed, finetune_min_labels=finetune_min_labels)
     model, metrics = recipe.train_served_model(
         images, lab, labels[lab], task_ids, num_classes, backbone_state=own[0],
         embeddings=own[1], cfg=cfg, device="cpu",
@@ -319,6 +327,13 @@ def main() -> None:
     ap.add_argument("--pretrain-budget", type=float, default=120.0, help="seconds per pretrain")
     ap.add_argument("--pretrain-batch", type=int, default=64)
     ap.add_argument("--finetune-min-labels", type=int, default=10**9)
+    ap.add_argument(
+        "--compare-finetune-min-labels",
+        type=int,
+        default=None,
+        help="the 'previous' column's FINETUNE_MIN_LABELS (default: --finetune-min-labels); with "
+        "--compare-recipe HEAD and a huge number, 'previous' is this recipe without fine-tuning",
+    )
     ap.add_argument("--before-budgets", default="20,50,100")
     ap.add_argument("--before-seeds", type=int, default=2)
     ap.add_argument("--before-eval", type=int, default=300)
