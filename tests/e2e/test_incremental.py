@@ -41,10 +41,12 @@ def test_changed_deleted_and_added_tasks_reach_the_next_job(stack):
     second = stack.wait_idle_version(project, "the label change", {first["model_version"]}, 9)
     metrics = served_job(stack, project, second["model_version"])["metrics"]
     assert metrics["task_listing"]["listing"] == "changed"
-    # Not every task. The backend's own writes after the last listing come back as changes (the
-    # "why this task" notes on its queue top, QUEUE_BATCH = 20): 33 of these 60 tasks were read
-    # once auto switched to diversified at 3 labels per class, 21 of them the relabeled task and
-    # the notes (the other 12 are not accounted for yet).
+    # Not every task. The backend's own writes after the last listing come back as changes: the
+    # "why this task" notes on the new queue top (QUEUE_BATCH = 20) and the cleared notes of
+    # tasks that left the top (up to 20 more), besides the relabeled task and whatever changed in
+    # the 5 s overlap before the last listing (the 9 labels at most). 33 of these 60 tasks were
+    # read once auto switched to diversified at 3 labels per class: the relabeled task, 20 new
+    # notes, and 12 tasks that had left the top (their text cleared).
     assert metrics["task_listing"]["read"] < len(truth) - len(labeled), metrics["task_listing"]
     assert metrics["class_counts"][label] == counts[label] - 1
     assert metrics["class_counts"][other] == counts[other] + 1
