@@ -70,8 +70,20 @@ def test_a_worker_process_takes_chunks_and_the_rows_come_back_in_order(
     try:
         wait_until(lambda: Worker.all(connection=redis_conn), "the worker to start", 60)
 
+        waited = []
+
+        def helper_claimed() -> bool:
+            claims = redis_conn.scan_iter("mlb:fanout:*:claim:*")
+            return any(redis_conn.get(k) not in (None, b"job", "job") for k in claims)
+
         def slow(part):  # the job's own chunks take a while: the helper gets some
             time.sleep(1.0)
+            # On a loaded machine the helper's job process takes seconds to start: wait for its
+            # first claim (60 s at most; without one the assertion below fails).
+            deadline = time.monotonic() + 60
+            while not waited and not helper_claimed() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            waited.append(True)
             return _embed(model, arrays[part])
 
         with caplog.at_level(logging.INFO, logger="ml_backend.jobs.fanout"):
