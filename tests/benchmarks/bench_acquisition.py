@@ -14,7 +14,8 @@ is refit on all labels so far, predicts every pool and test row, and the next ro
 probabilities (and embeddings). Accuracy is measured on the test split after each round.
 Before two classes are labeled there is no model (``probs=None``): the cold start, which
 ``rank`` runs as the job does (typicality for every strategy but coreset and random).
-``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; ``auto-cv`` is ``auto``
+``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; ``auto-badge`` is ``auto``
+with ``badge`` where ``auto`` would run diversified; ``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
 which is what the job passes (the recipe's cross-validated accuracy of the served head).
 
@@ -240,7 +241,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
         t0 = time.perf_counter()
         r = rank(
-            "auto" if name == "auto-cv" else name,
+            "auto" if name in ("auto-cv", "auto-badge") else name,
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
             labeled_mask=mask_pool,
@@ -252,6 +253,9 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             auto_labels_per_class=args.auto_labels_per_class,
             auto_min_accuracy=args.auto_min_accuracy,
         )
+        if strategy == "auto-badge" and r.strategy.startswith("diversified"):
+            r = rank("badge", probs=probs[pool], embeddings=emb[pool], labeled_mask=mask_pool,
+                     batch=args.batch, seed=seed, device="cpu")  # fmt: skip
         rank_s = time.perf_counter() - t0
         labeled[pool[r.order[: args.batch]]] = True
         have = pool[labeled[pool]]
