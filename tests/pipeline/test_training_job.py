@@ -250,6 +250,21 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     assert {"fetch_s", "train_s", "predict_s", "push_s"} <= set(out["metrics"]["timings"])
 
 
+def test_badge_orders_the_queue_and_says_why(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    settings = job_settings.with_overrides(strategy="badge")
+    client = FakeLabelStudio(tasks)
+    out = run(settings, client, cache, StatusStore(redis_conn))
+    assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "badge"
+    top = out["metrics"]["queue_top"]
+    assert [t["reason"] for t in top] == ["uncertain_varied"] * settings.queue_batch
+    assert top[0]["why"].endswith(", in a way unlike the other tasks picked with it")
+    assert top[0]["distance"] is None  # badge measures no embedding distance
+    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
+
+
 def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, redis_conn):
     tasks, labels, cache = world
     for i in range(30):
