@@ -82,6 +82,7 @@ def badge_picks(probs, embeddings, candidates, k: int, *, seed: int | None = 0,
     picks, pick_d2 = [first], [float(norm_sq[first])]
     with _exact_matmul(dev):
         closest = torch.minimum(norm_sq, _d2_to(a, h, norm_sq, first))
+        closest[first] = 0.0  # exactly: rounding must never let a pick be drawn again
         for _ in range(1, min(k, len(cand))):
             total = float(closest.sum())
             if total <= 0.0:  # every candidate left sits on a pick: take the next unpicked row
@@ -97,8 +98,8 @@ def badge_picks(probs, embeddings, candidates, k: int, *, seed: int | None = 0,
             picks.append(nxt)
             pick_d2.append(float(closest[nxt]))
             closest = torch.minimum(closest, _d2_to(a, h, norm_sq, nxt))
+            closest[nxt] = 0.0
     min_d2[cand] = closest.cpu().numpy()
-    min_d2[cand[picks]] = 0.0
     return BadgeResult(cand[np.asarray(picks, dtype=np.int64)], np.asarray(pick_d2), min_d2)
 
 

@@ -171,3 +171,13 @@ def test_chunked_passes_give_the_same_batch(monkeypatch):
     chunked = badge_picks(probs, emb, np.arange(3, 100), 8, seed=2, device="cpu")
     np.testing.assert_array_equal(whole.picks, chunked.picks)
     np.testing.assert_allclose(whole.min_d2, chunked.min_d2, rtol=1e-5, atol=1e-9)
+
+
+def test_a_pick_is_never_drawn_again_even_when_rounding_leaves_it_a_distance():
+    # Large embeddings make norm_i + norm_i - 2 cross_ii round to a small positive number; a
+    # batch as large as the pool must still hold every row once.
+    probs, emb, _ = random_pool(4, n=40)
+    emb = emb * 1e4 + 3e5
+    res = badge_picks(probs, emb.astype(np.float32), np.arange(40), 40, seed=1, device="cpu")
+    assert sorted(res.picks.tolist()) == list(range(40))
+    np.testing.assert_array_equal(res.min_d2, 0.0)
