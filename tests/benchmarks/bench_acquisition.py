@@ -26,7 +26,8 @@ The model is pluggable (``--model NAME`` or ``--model package.module:factory``):
 any model) and ``fit_predict(rows, labels) -> (probs [N, C], embeddings [N, d])`` over all rows.
 The default ``logreg-pca`` is a FAST STAND-IN, not the backend's recipe: logistic regression on
 the first 50 principal components of the pixels (PCA fitted on all rows, no labels), which are also
-the embeddings selection sees. ``--model recipe`` is the backend's own (below).
+the embeddings selection sees. ``--model recipe`` is the backend's own (below);
+``recipe-cosine`` is the same with unit-length embeddings for selection (an experiment).
 
 Report: accuracy at each budget (mean ± std over seeds), the area under the learning curve
 (mean accuracy over every round, i.e. the trapezoid area over the budget range divided by it), and
@@ -189,7 +190,26 @@ class RecipePlainHead(RecipeHead):
         return head.probs(self.features), self.features
 
 
-MODELS = {"logreg-pca": LogRegPCA, "recipe": RecipeHead, "recipe-plain": RecipePlainHead}
+class RecipeCosine(RecipeHead):
+    """The recipe's head as ``recipe``, but selection sees the embeddings scaled to unit length
+    (the geometry SimCLR trains: cosine similarity; the head keeps the raw embeddings)."""
+
+    name = f"SimCLR backbone ({RecipeHead.EPOCHS} epochs) + the recipe's head; unit-length embeddings for selection"
+
+    def embeddings(self) -> np.ndarray:
+        return self.features / np.linalg.norm(self.features, axis=1, keepdims=True).clip(1e-12)
+
+    def fit_predict(self, rows: np.ndarray, labels: np.ndarray):
+        probs, _ = super().fit_predict(rows, labels)
+        return probs, self.embeddings()
+
+
+MODELS = {
+    "logreg-pca": LogRegPCA,
+    "recipe": RecipeHead,
+    "recipe-plain": RecipePlainHead,
+    "recipe-cosine": RecipeCosine,
+}
 
 
 def make_model(spec: str):
