@@ -81,6 +81,8 @@ def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, prob
 # Above this top probability the model is not "unsure" in words a labeler reads; the row is
 # still among the least sure of the pool (the queue's top), and the sentence says that instead.
 SURE_ENOUGH = 0.8
+# "only N of M" when at most this share of the unlabeled images leave the model less sure.
+FEW_LESS_SURE = 0.25
 
 
 def _unsure(ranking, row: int, class_names, probs) -> str:
@@ -105,8 +107,10 @@ def _unsure(ranking, row: int, class_names, probs) -> str:
     unlabeled = ranking.reason != ""
     scores = ranking.uncertainty[unlabeled]
     less_sure = int(np.sum(np.isfinite(scores) & (scores > u)))
+    sure = f"the model is fairly sure ({pair})"
     if less_sure == 0:
-        where = "no unlabeled image leaves it less sure"
-    else:
-        where = f"only {less_sure} of the {len(scores)} unlabeled images leave it less sure"
-    return f"the model is fairly sure ({pair}), but {where}"
+        return f"{sure}, but no unlabeled image leaves it less sure"
+    count = f"{less_sure} of the {len(scores)} unlabeled images leave it less sure"
+    if less_sure <= FEW_LESS_SURE * len(scores):
+        return f"{sure}, but only {count}"
+    return f"{sure}; {count}"  # picked for another reason too (far from the labeled images)

@@ -213,6 +213,11 @@ def test_a_sure_model_is_not_called_unsure():
         "the model is fairly sure (Sunny 94% and Cloudy 4%), but only 1 of the 4 unlabeled "
         "images leave it less sure"
     )
+    # 3 of the 4 unlabeled images are less sure than row 1: not "only"
+    assert explain(r, 1, class_names=names, probs=probs) == (
+        "the model is fairly sure (Sunny 99% and Cloudy 0%); 3 of the 4 unlabeled images leave "
+        "it less sure"
+    )
     mask[3] = True
     r = rank("uncertainty", probs=probs, embeddings=emb, labeled_mask=mask, batch=1)
     assert explain(r, 0, class_names=names, probs=probs) == (
