@@ -39,7 +39,6 @@ import dataclasses
 import math
 
 import numpy as np
-import torch
 
 from ml_backend.errors import SelectionInputError
 from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, decide
@@ -351,7 +350,8 @@ def rank(
 
 
 def _numpy(values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
+    """A numpy view of probabilities given as numpy or torch (any device)."""
+    if hasattr(values, "detach"):
         return values.detach().cpu().numpy()
     return np.asarray(values)
 
