@@ -10,12 +10,12 @@ it into a sentence, with the class names and the model's probabilities when give
 | ``uncertain_far`` | diversified: in the uncertainty shortlist and farthest from labeled/picked |
 | ``uncertain`` | diversified after its batch, and uncertainty: by how unsure the model is |
 | ``uncertain_varied`` | badge's batch: unsure, and unlike the batch's other picks in gradient space |
+| ``far`` | coreset: far from every labeled (and earlier picked) image |
+| ``random`` | random order |
 
 For the uncertainty codes the words name the two likeliest classes; when the likeliest is at
 least ``SURE_ENOUGH`` (80%) the model is not called unsure: the sentence says how many unlabeled
 images leave it less sure instead.
-| ``far`` | coreset: far from every labeled (and earlier picked) image |
-| ``random`` | random order |
 """
 
 from __future__ import annotations
