@@ -15,7 +15,9 @@ probabilities (and embeddings). Accuracy is measured on the test split after eac
 Before two classes are labeled there is no model (``probs=None``): the cold start, which
 ``rank`` runs as the job does (typicality for every strategy but coreset and random).
 ``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; ``auto-badge`` is ``auto``
-with ``badge`` where ``auto`` would run diversified; ``auto-cv`` is ``auto``
+with ``badge`` where ``auto`` would run diversified; ``auto-wkm<factor>`` is ``auto`` with
+uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows there (Zhdanov
+2019, an experiment); ``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
 which is what the job passes (the recipe's cross-validated accuracy of the served head).
 
@@ -261,7 +263,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
         t0 = time.perf_counter()
         r = rank(
-            "auto" if name in ("auto-cv", "auto-badge") else name,
+            "auto" if name.startswith("auto-") else name,
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
             labeled_mask=mask_pool,
@@ -276,6 +278,9 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         if strategy == "auto-badge" and r.strategy.startswith("diversified"):
             r = rank("badge", probs=probs[pool], embeddings=emb[pool], labeled_mask=mask_pool,
                      batch=args.batch, seed=seed, device="cpu")  # fmt: skip
+        if strategy.startswith("auto-wkm") and r.strategy.startswith("diversified"):
+            factor = int(strategy.removeprefix("auto-wkm") or 10)
+            r = _weighted_kmeans_ranking(probs[pool], emb[pool], mask_pool, args, seed, factor)
         rank_s = time.perf_counter() - t0
         labeled[pool[r.order[: args.batch]]] = True
         have = pool[labeled[pool]]
@@ -295,6 +300,35 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             }
         )
     return rows
+
+
+def _weighted_kmeans_ranking(probs, emb, labeled_mask, args, seed, factor):
+    """Diverse mini-batch active learning (Zhdanov 2019), a candidate for ``auto``'s second
+    phase: among the ``factor x batch`` most uncertain unlabeled rows, k-means into ``batch``
+    groups weighted by uncertainty; the row nearest each centre is picked; then the rest by
+    descending uncertainty. ``auto-wkm<factor>`` (default 10) in ``--strategies``."""
+    from types import SimpleNamespace
+
+    from sklearn.cluster import KMeans
+
+    from ml_backend.selection.uncertainty import uncertainty
+
+    unlabeled = np.flatnonzero(~labeled_mask)
+    u = uncertainty(probs[unlabeled], args.uncertainty)
+    by_u = unlabeled[np.argsort(-u, kind="stable")]
+    short = by_u[: factor * args.batch]
+    k = min(args.batch, len(short))
+    weights = np.sort(u)[::-1][: len(short)] + 1e-6
+    km = KMeans(k, n_init=3, random_state=seed).fit(emb[short], sample_weight=weights)
+    picks = []
+    for c in range(k):
+        members = np.flatnonzero(km.labels_ == c)
+        if len(members):
+            d2 = ((emb[short[members]] - km.cluster_centers_[c]) ** 2).sum(axis=1)
+            picks.append(short[members[np.argmin(d2)]])
+    picks = np.array(picks, dtype=np.int64)
+    rest = by_u[~np.isin(by_u, picks)]
+    return SimpleNamespace(order=np.concatenate([picks, rest]), strategy="diversified (wkm)")
 
 
 def split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
