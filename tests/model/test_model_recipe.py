@@ -141,8 +141,13 @@ def test_two_labels_of_two_classes(pool):
     _, y, _, _, _ = pool
     rows = [int(np.flatnonzero(y == 0)[0]), int(np.flatnonzero(y == 1)[0])]
     model, metrics = _serve(pool, rows)
-    assert metrics["served"] == "head" and metrics["train_size"] == 2
+    # too few to cross-validate: the incumbent, the spread head, is served
+    assert metrics["served"] == "head+spread" and metrics["train_size"] == 2
+    assert "too few to cross-validate; served head+spread" in metrics["why"]
     assert model.fc.bias[2].item() == ABSENT_LOGIT  # no label of class 2 yet
+    _, plain = _serve(pool, rows, cfg=RecipeConfig(finetune_min_labels=10**9,
+                                                   label_spreading=False))  # fmt: skip
+    assert plain["served"] == "head"
 
 
 def test_classes_without_labels_are_never_predicted(pool):

@@ -179,6 +179,42 @@ def test_among_clear_leaders_the_most_right_wins():
     assert _best({"head": np.zeros(0, bool), "a": np.zeros(0, bool)}, default="head") == "head"
 
 
+def _rigged(monkeypatch, right: dict[str, np.ndarray]) -> None:
+    """Make cross-validation report ``right`` (per head, right on each validation label)."""
+    monkeypatch.setattr(
+        recipe, "_cross_validate", lambda heads, *a, **k: {n: right[n] for n in heads}
+    )
+
+
+@pytest.mark.parametrize(
+    ("head_right", "spread_right", "served"),
+    [
+        (20, 20, "head+spread"),  # a tie keeps the incumbent, the spread head
+        (21, 20, "head+spread"),  # one label is no evidence
+        (25, 20, "head"),  # a clear lead replaces it
+        (20, 25, "head+spread"),
+    ],
+)
+def test_the_spread_head_is_the_incumbent(monkeypatch, head_right, spread_right, served):
+    """``choose_head`` serves the spread head unless another is clearly better in
+    cross-validation; with spreading off the plain head is the incumbent again."""
+    x, y = blobs()
+    rows = np.arange(0, 180, 6)  # 30 labels, 10 per class
+    n = len(rows)
+    _rigged(monkeypatch, {
+        "head": np.arange(n) < head_right,
+        "head+pseudo": np.arange(n) < min(head_right, spread_right),
+        "head+spread": np.arange(n) >= n - spread_right,
+    })  # fmt: skip
+    choice = recipe.choose_head(x, rows, y[rows], np.arange(len(x)), 3, RecipeConfig())
+    assert choice.served == served
+    if served == "head+spread" and head_right > spread_right:
+        assert "head was not clearly better than head+spread" in choice.why
+    off = recipe.choose_head(x, rows, y[rows], np.arange(len(x)), 3,
+                             RecipeConfig(label_spreading=False))  # fmt: skip
+    assert off.served == "head"  # head+pseudo is never ahead of the plain head here
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_graph_built_on_a_gpu_is_the_cpu_one():
     x, _ = blobs()
