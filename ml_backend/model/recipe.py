@@ -72,10 +72,10 @@ logger = logging.getLogger(__name__)
 MIN_LEAD = 2
 # The head another must clearly beat: the spread head when label spreading is on. Until
 # 2026-12-07 it was the plain head, and the spread head needed the clear lead. On held-out
-# images the spread head was ahead in every one of 80 labeled sets of 10-100 labels (MNIST-5k
-# and digits, random and auto-queue labels), by 1-16 points, yet that rule served it for only
-# 48 of them; it was behind only from 100-200 labels on digits and weather, by less than one
-# point (tests/benchmarks/bench_head_choice.py, docs/results/head_incumbent.md).
+# images the spread head was ahead in all 50 random labeled sets of 10-100 labels on MNIST-5k
+# and digits (5 seeds), by 2-16 points on average per budget, yet that rule served it in only
+# 25 of them; on average it was behind only on digits at 200 labels and weather from 100, by
+# less than one point (tests/benchmarks/bench_head_choice.py, docs/results/head_incumbent_*).
 INCUMBENT = "head+spread"
 
 
