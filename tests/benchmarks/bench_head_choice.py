@@ -3,7 +3,7 @@
 Not collected by pytest. Run from the repository root:
 
     python tests/benchmarks/bench_head_choice.py [--datasets mnist,digits,weather --seeds 5
-        --sources random,auto --out docs/results/head_incumbent.md]
+        --sources random,auto --out docs/results/head_incumbent_random.md]
 
 For each dataset and seed (the embeddings and splits of ``bench_acquisition.py --model recipe``:
 a SimCLR backbone pretrained for 2 epochs, cached in ``.cache/bench-acquisition/``), labeled sets
