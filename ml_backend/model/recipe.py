@@ -67,8 +67,8 @@ __all__ = [  # the heads are re-exported: callers know them as the recipe's
 
 logger = logging.getLogger(__name__)
 
-# A semi-supervised head is served instead of the plain one only when it is right on at least
-# this many more validation labels (and about one standard deviation more: ``_best``).
+# Another head is served instead of the incumbent only when it is right on at least this many
+# more validation labels (and about one standard deviation more: ``_best``).
 MIN_LEAD = 2
 # The head another must clearly beat: the spread head when label spreading is on. Until
 # 2026-12-07 it was the plain head, and the spread head needed the clear lead. On held-out
