@@ -34,7 +34,9 @@ the embeddings selection sees. ``--model recipe`` is the backend's own (below);
 Report: accuracy at each budget (mean ± std over seeds), the area under the learning curve
 (mean accuracy over every round, i.e. the trapezoid area over the budget range divided by it), and
 per strategy the difference to random, paired by seed (same split), with ``*`` where it is beyond
-two standard errors of the paired differences.
+two standard errors of the paired differences. ``--ceiling`` adds the same model fitted on every
+pool label, per seed, and how far above random any order could lead at each budget: an order
+cannot make the model better than every label does, so ``ceiling - random`` bounds the lead.
 
 Scale (``--scale``): time and peak memory (``ru_maxrss``) of ``typicality_order`` on random
 float32 data, ``N`` rows x ``d``, with 10 labeled rows and ``batch=20`` (K = 30 groups) and with
@@ -380,10 +382,41 @@ def summarise(rows: list[dict], strategies, budgets) -> str:
             se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.inf
             tied = "tied" if abs(diff.mean()) <= 2 * se else "below"
             notes.append(f"{s} {diff.mean() * 100:+.1f} ({tied})")
-    lines += [
-        "",
-        f"AUC against the best ({best}), paired by seed, in points: " + ", ".join(notes) + ".",
+    if notes:
+        lines += [
+            "",
+            f"AUC against the best ({best}), paired by seed, in points: " + ", ".join(notes) + ".",
+        ]
+    return "\n".join(lines)
+
+
+def ceiling_report(rows: list[dict], ceilings: dict[int, float], n_pool: int, budgets) -> str:
+    """The model on every pool label, and the most any order could lead random by at each budget
+    (``ceiling - random``, per seed; an order cannot beat every label)."""
+    seeds = sorted(ceilings)
+    top = np.array([ceilings[s] for s in seeds])
+    random = {}
+    for r in rows:
+        if r["strategy"] == "random" and int(r["seed"]) in ceilings:
+            random.setdefault(int(r["n_labels"]), {})[int(r["seed"])] = float(r["accuracy"])
+    lines = [
+        f"Ceiling: the same model on all {n_pool:,} pool labels, {top.mean():.3f} ± "
+        f"{top.std(ddof=1) if len(top) > 1 else 0:.3f} (per seed "
+        + ", ".join(f"{c:.3f}" for c in top)
+        + ")."
     ]
+    have = [b for b in budgets if b in random and len(random[b]) == len(seeds)]
+    if have:
+        lines += [
+            "",
+            "| labels | random | ceiling − random (points, mean; per seed) |",
+            "|---|---|---|",
+        ]
+        for b in have:
+            gap = np.array([ceilings[s] - random[b][s] for s in seeds]) * 100
+            acc = np.mean([random[b][s] for s in seeds])
+            per_seed = ", ".join(f"{g:+.1f}" for g in gap)
+            lines.append(f"| {b} | {acc:.3f} | {gap.mean():+.1f} ({per_seed}) |")
     return "\n".join(lines)
 
 
@@ -532,6 +565,11 @@ def main() -> None:
         "taken from the last)",
     )
     ap.add_argument("--title", default="", help="--from-csv: heading of the report")
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="also fit the model on every pool label per seed: the most any order could reach",
+    )
     ap.add_argument("--scale", action="store_true", help="time typicality at --n rows instead")
     ap.add_argument("--n", default="100000,1000000")
     ap.add_argument("--d", type=int, default=512)
@@ -563,12 +601,15 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets.split(","):
         native, x, y = load(dataset)
-        rows, t0 = [], time.perf_counter()
+        rows, ceilings, t0 = [], {}, time.perf_counter()
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             pool, test = split(y, seed)
             model = factory(x, int(y.max()) + 1, seed, native=native, dataset=dataset)
             for s in strategies:
                 rows += run_curve(s, model, y, pool, test, args, seed)
+            if args.ceiling:
+                probs, _ = model.fit_predict(pool, y[pool])
+                ceilings[seed] = float((probs[test].argmax(axis=1) == y[test]).mean())
         wall = time.perf_counter() - t0
         title = (
             f"{dataset}: {len(y):,} images, pool {len(pool):,}, test {len(test):,}; "
@@ -578,6 +619,8 @@ def main() -> None:
             f"; {wall:.0f} s"
         )
         table = summarise(rows, strategies, REPORT_BUDGETS)
+        if ceilings:
+            table += "\n\n" + ceiling_report(rows, ceilings, len(pool), REPORT_BUDGETS)
         print(f"\n### {title}\n\n{table}\n", flush=True)
         if out:
             with (out / f"{args.tag}_{dataset}_rounds.csv").open("w", newline="") as f:

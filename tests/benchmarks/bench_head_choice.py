@@ -9,7 +9,8 @@ For each dataset and seed (the embeddings and splits of ``bench_acquisition.py -
 a SimCLR backbone pretrained for 2 epochs, cached in ``.cache/bench-acquisition/``), labeled sets
 come from two sources:
 
-- ``random``: the first 10, 20, 30, 50, 100, 200 of a seeded permutation of the pool;
+- ``random``: the first 10, 20, 30, 50, 100, 200 (``--budgets``) of a seeded permutation of the
+  pool;
 - ``auto``: the sets the default queue (``STRATEGY=auto``, batch 10) builds, round by round up to
   150 labels, each round ranked with the probabilities of the head the recipe now serves (rows:
   10-50 labels round by round; 60-100 and 110-150 pooled as 100 and 150).
@@ -71,11 +72,11 @@ def score_heads(model, have, y, test, n_classes) -> dict:
     return {"n": len(have), "acc": acc, "served": served, "probs": probs}
 
 
-def labeled_sets(source, model, y, pool, test, seed, n_classes):
-    """Yield ``(budget, result)`` for one seed."""
+def labeled_sets(source, model, y, pool, test, seed, n_classes, budgets=RANDOM_BUDGETS):
+    """Yield ``(budget, result)`` for one seed (``budgets``: of the random sets)."""
     if source == "random":
         order = np.random.default_rng(seed).permutation(pool)
-        for n in RANDOM_BUDGETS:
+        for n in budgets:
             have = np.sort(order[:n])
             if len(np.unique(y[have])) >= 2:
                 yield n, score_heads(model, have, y, test, n_classes)
@@ -104,10 +105,16 @@ def main() -> None:
     ap.add_argument("--datasets", default="mnist,digits,weather")
     ap.add_argument("--sources", default="random,auto")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument(
+        "--budgets",
+        default=",".join(map(str, RANDOM_BUDGETS)),
+        help="labels of the random sets (comma-separated)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="markdown file for the tables")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
     lines = []
     for dataset in args.datasets.split(","):
         native, x, y = load(dataset)
@@ -118,7 +125,8 @@ def main() -> None:
             for seed in range(args.seeds):
                 pool, test = split(y, seed)
                 model = RecipeHead(x, n_classes, seed, native=native, dataset=dataset)
-                for budget, res in labeled_sets(source, model, y, pool, test, seed, n_classes):
+                sets = labeled_sets(source, model, y, pool, test, seed, n_classes, budgets)
+                for budget, res in sets:
                     acc, c = res["acc"], cells[budget]
                     c["plain head"].append(acc["head"])
                     c["spread head"].append(acc["head+spread"])
