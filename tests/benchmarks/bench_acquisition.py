@@ -17,7 +17,9 @@ Before two classes are labeled there is no model (``probs=None``): the cold star
 ``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; ``auto-badge`` is ``auto``
 with ``badge`` where ``auto`` would run diversified; ``auto-wkm<factor>`` is ``auto`` with
 uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows there (Zhdanov
-2019, an experiment); ``auto-cv`` is ``auto``
+2019, an experiment); ``auto-gu`` is ``auto`` with diversified ranked by the uncertainty of label
+spreading along the pool's graph instead of the head's (``--model recipe``, an experiment);
+``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
 which is what the job passes (the recipe's cross-validated accuracy of the served head).
 
@@ -283,6 +285,10 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         if strategy.startswith("auto-wkm") and r.strategy.startswith("diversified"):
             factor = int(strategy.removeprefix("auto-wkm") or 10)
             r = _weighted_kmeans_ranking(probs[pool], emb[pool], mask_pool, args, seed, factor)
+        if strategy == "auto-gu" and r.strategy.startswith("diversified"):
+            r = rank("diversified", probs=_graph_probs(model, pool, mask_pool, y, n_classes),
+                     embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
+                     measure=args.uncertainty, seed=seed, device="cpu")  # fmt: skip
         rank_s = time.perf_counter() - t0
         labeled[pool[r.order[: args.batch]]] = True
         have = pool[labeled[pool]]
@@ -331,6 +337,17 @@ def _weighted_kmeans_ranking(probs, emb, labeled_mask, args, seed, factor):
     picks = np.array(picks, dtype=np.int64)
     rest = by_u[~np.isin(by_u, picks)]
     return SimpleNamespace(order=np.concatenate([picks, rest]), strategy="diversified (wkm)")
+
+
+def _graph_probs(model, pool, labeled_mask, y, n_classes):
+    """``auto-gu`` (an experiment): the uncertainty of label spreading itself, not of the head
+    fitted on it: the class distribution the labels so far give each pool row along the pool's
+    kNN graph (``spreading.spread``; a row no label reached is uniform)."""
+    from ml_backend.model import spreading
+
+    rows = pool[labeled_mask]
+    spread = spreading.spread(model.graph, rows, y[rows], n_classes)
+    return spread[model.graph.positions(pool)]
 
 
 def split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
