@@ -9,7 +9,13 @@ import torch
 from ml_backend.model.backbones import BackboneError, BackboneStore
 from ml_backend.model.data import normalize
 from ml_backend.model.features import backbone_model, embed
-from ml_backend.model.pretrain import nt_xent, pretrain_backbone
+from ml_backend.model.pretrain import (
+    COLOUR_PHOTOMETRIC,
+    GREY_PHOTOMETRIC,
+    _view,
+    nt_xent,
+    pretrain_backbone,
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +191,19 @@ def test_pause_early_ends_a_slice_when_asked(pool):
                              device="cpu", slice_s=600, pause_early=pause)  # fmt: skip
     assert not part.finished and part.images_seen == 16  # two steps, then paused
     assert asked == sorted(asked)
+
+
+@pytest.mark.parametrize(
+    ("colour", "largest"),
+    [(False, GREY_PHOTOMETRIC[1]), (True, COLOUR_PHOTOMETRIC[1] * 1.1 + 0.1)],
+)
+def test_colour_pools_get_gentler_brightness_jitter(colour, largest):
+    # A flat black image stays flat through the crop and the contrast jitter, so a view of it
+    # is the brightness shift (for colour pools then scaled by 0.9-1.1 and shifted by +-0.1 per
+    # channel). Colour pools keep brightness as a cue (overcast skies, stains): +-0.2 there;
+    # grey pools +-0.4, as before.
+    flat = torch.zeros((4096, 3, 8, 8))
+    shift = _view(flat, torch.Generator().manual_seed(0), colour, flip=False)[:, :, 0, 0]
+    biggest = float(shift.abs().max())
+    assert biggest <= largest + 1e-5
+    assert biggest > 0.9 * largest  # the whole range is used
