@@ -12,8 +12,8 @@ small rotation, brightness/contrast jitter, and gentle per-channel jitter only w
 colour. In a colour pool brightness and colour are often the class (an overcast sky, a stain,
 a land-cover tile), so there the brightness/contrast jitter is half as strong
 (``COLOUR_PHOTOMETRIC``; on the generated weather set it lifted the served head by 0.6-1.0
-points at 20-200 random labels) and there is no random grayscale. No horizontal flip: it
-changes the meaning of digits, text and many diagrams (``flip=True`` turns it on for photos).
+points at 10-200 random labels). No random grayscale, for the same reason. No horizontal flip:
+it changes the meaning of digits, text and many diagrams (``flip=True`` turns it on for photos).
 
 After training, BatchNorm running statistics are recomputed on clean pool images: statistics of
 augmented views do not match the images the frozen backbone embeds later, and the mismatch costs
