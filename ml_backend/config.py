@@ -16,7 +16,16 @@ from typing import Any
 
 from ml_backend.errors import ConfigError
 
-STRATEGIES = ("diversified", "uncertainty", "coreset", "random", "typicality", "badge", "auto")
+STRATEGIES = (
+    "diversified",
+    "uncertainty",
+    "coreset",
+    "random",
+    "typicality",
+    "badge",
+    "probcover",
+    "auto",
+)
 UNCERTAINTY_MEASURES = ("entropy", "margin", "least_confidence")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -121,7 +130,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "STRATEGY": (
         "auto",
         "Queue order: auto (typicality until the model is trusted, then diversified), "
-        "diversified, badge, uncertainty, coreset, random or typicality.",
+        "diversified, badge, uncertainty, coreset, random, typicality or probcover.",
     ),
     "UNCERTAINTY": (
         "margin",

@@ -870,6 +870,7 @@ def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None, acceptanc
         evidence=evidence,
         auto_labels_per_class=settings.auto_labels_per_class,
         auto_min_accuracy=settings.auto_min_accuracy,
+        n_classes=len(pool.label_names),
     )
     run.lap("rank", t0)
     return ranking

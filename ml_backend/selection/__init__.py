@@ -1,4 +1,4 @@
-"""Acquisition: uncertainty scores, greedy k-center, typicality and the queue-ordering strategies.
+"""Acquisition: uncertainty scores, greedy k-center, typicality, ProbCover and the queue-ordering strategies.
 
 Pure numpy/torch, no I/O. See ``strategies.py`` for the formulas and ``docs/selection.md``.
 """
@@ -6,6 +6,7 @@ Pure numpy/torch, no I/O. See ``strategies.py`` for the formulas and ``docs/sele
 from ml_backend.selection.auto import EVIDENCE_KEYS, Decision, decide
 from ml_backend.selection.kcenter import KCenterResult, k_center_greedy, k_center_greedy_details
 from ml_backend.selection.kmeans import KMeansResult, kmeans
+from ml_backend.selection.probcover import CoverResult, probcover_order
 from ml_backend.selection.reasons import REASONS, explain
 from ml_backend.selection.strategies import STRATEGIES, Ranking, rank
 from ml_backend.selection.typicality import TypicalityResult, typicality_order, typicality_scores
@@ -22,6 +23,7 @@ __all__ = [
     "MEASURES",
     "REASONS",
     "STRATEGIES",
+    "CoverResult",
     "Decision",
     "KCenterResult",
     "KMeansResult",
@@ -35,6 +37,7 @@ __all__ = [
     "kmeans",
     "least_confidence",
     "margin",
+    "probcover_order",
     "rank",
     "typicality_order",
     "typicality_scores",

@@ -10,6 +10,8 @@ it into a sentence, with the class names and the model's probabilities when give
 | ``uncertain_far`` | diversified: in the uncertainty shortlist and farthest from labeled/picked |
 | ``uncertain`` | diversified after its batch, and uncertainty: by how unsure the model is |
 | ``uncertain_varied`` | badge's batch: unsure, and unlike the batch's other picks in gradient space |
+| ``covers`` | probcover: its ball holds the most images no labeled or queued image is near |
+| ``covered`` | probcover after full coverage: by how many images are near it |
 | ``far`` | coreset: far from every labeled (and earlier picked) image |
 | ``random`` | random order |
 
@@ -32,6 +34,8 @@ REASONS = (
     "uncertain_varied",
     "far",
     "random",
+    "covers",
+    "covered",
 )
 
 
@@ -69,6 +73,17 @@ def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, prob
         if code == "uncertain_varied":
             return f"{unsure}, in a way unlike the other tasks picked with it"
         return unsure
+    if code == "covers":
+        others = int(ranking.covers[row]) - 1
+        if others < 1:
+            return "unlike every labeled or queued image, and unlike the other images too"
+        many = f"{others} similar image{'s' if others != 1 else ''}"
+        return f"it stands for {many} that no labeled or queued image is close to yet"
+    if code == "covered":
+        return (
+            "every image is now close to a labeled or queued one; images with more look-alikes "
+            "come first"
+        )
     if code == "far":
         if np.isinf(ranking.distance[row]):
             return "the image most unlike the average image (nothing is labeled yet)"

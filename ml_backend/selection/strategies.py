@@ -25,6 +25,9 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
   ``(p_i - onehot(argmax p_i)) (x) h_i`` of ``U`` for the batch (uncertain rows that differ in how
   the model is unsure or in what they show), then the rest of ``U`` by descending squared gradient
   distance to the nearest pick. Seeded by ``seed``; labeled rows are not centres.
+- ``probcover``: ProbCover (``probcover.py``): the row whose ball of radius ``delta`` holds the most
+  rows no labeled or earlier picked row covers, greedily; ``delta`` is the largest radius whose
+  balls stay within one k-means group (``n_classes`` groups) for 95% of the rows.
 - ``auto``: ``typicality`` until the model has earned trust, then ``diversified``; the rule and the
   evidence it reads are in ``auto.py``.
 
@@ -45,6 +48,7 @@ from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, 
 from ml_backend.selection.badge import badge_picks
 from ml_backend.selection.inputs import check_rows, is_number, validated_mask
 from ml_backend.selection.kcenter import k_center_greedy_details
+from ml_backend.selection.probcover import probcover_order
 from ml_backend.selection.typicality import typicality_order
 from ml_backend.selection.uncertainty import DEFAULT_MEASURE
 from ml_backend.selection.uncertainty import uncertainty as score_uncertainty
@@ -69,6 +73,8 @@ class Ranking:
         group_size: ``int64 [N]`` rows in that group (labeled included); 0 without groups.
         group_labeled: ``int64 [N]`` labeled rows in that group; 0 without groups.
         group_queued: ``int64 [N]`` unlabeled rows of that group ahead in the queue; 0 otherwise.
+        covers: ``int64 [N]`` for probcover's greedy picks, the rows each newly covered (itself
+            included); 0 otherwise.
         decision: why this strategy was used (``auto``'s rule, or the cold-start fallback), in a
             sentence; ``""`` when the named strategy simply ran.
     """
@@ -82,6 +88,7 @@ class Ranking:
     group_size: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     group_labeled: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     group_queued: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
+    covers: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int64))
     decision: str = ""
 
 
@@ -98,6 +105,7 @@ class _Pool:
     shortlist_factor: float
     seed: int | None
     device: object
+    n_classes: int | None
 
 
 class _Notes:
@@ -110,6 +118,7 @@ class _Notes:
         self.group_size = np.zeros(n, dtype=np.int64)
         self.group_labeled = np.zeros(n, dtype=np.int64)
         self.group_queued = np.zeros(n, dtype=np.int64)
+        self.covers = np.zeros(n, dtype=np.int64)
 
 
 class Strategy:
@@ -214,6 +223,24 @@ class TypicalityStrategy(Strategy):
         return res.order
 
 
+class ProbCoverStrategy(Strategy):
+    needs_embeddings = True
+
+    def order(self, pool, notes):
+        if pool.n_classes is None:
+            raise SelectionInputError(
+                "strategy 'probcover' needs the number of classes (n_classes, or probs, or "
+                "evidence['labels_per_class'] per class)"
+            )
+        res = probcover_order(pool.embeddings, pool.labeled, n_classes=pool.n_classes,
+                              seed=pool.seed, device=pool.device)  # fmt: skip
+        notes.reason[pool.unlabeled] = "covered"
+        picks = res.order[: res.greedy]
+        notes.reason[picks] = "covers"
+        notes.covers[:] = res.covers
+        return res.order
+
+
 class AutoStrategy(Strategy):
     """Never orders: :func:`rank` resolves ``auto`` to typicality or diversified (``auto.py``)."""
 
@@ -227,6 +254,7 @@ STRATEGIES: dict[str, Strategy] = {
     "random": RandomStrategy(),
     "typicality": TypicalityStrategy(),
     "badge": BadgeStrategy(),
+    "probcover": ProbCoverStrategy(),
     "auto": AutoStrategy(),
 }
 COLD_START_FALLBACK = "typicality"
@@ -246,15 +274,16 @@ def rank(
     evidence=None,
     auto_labels_per_class: float = AUTO_LABELS_PER_CLASS,
     auto_min_accuracy: float = AUTO_MIN_ACCURACY,
+    n_classes: int | None = None,
 ) -> Ranking:
     """Order every unlabeled row for labeling with the named strategy (formulas: module docstring).
 
     Args:
         strategy: one of ``STRATEGIES``: "diversified", "uncertainty", "coreset", "random",
-            "typicality", "badge", "auto".
+            "typicality", "badge", "probcover", "auto".
         probs: ``[N, C]`` class probabilities of the current model, or None at cold start.
         embeddings: ``[N, d]`` embeddings (numpy or torch); needed by coreset, diversified, badge,
-            typicality and auto.
+            typicality, probcover and auto.
         labeled_mask: ``bool [N]``, True where the row is labeled. Defines ``N``.
         batch: size of the batch at the top of the queue (``QUEUE_BATCH``), >= 1.
         shortlist_factor: diversified picks its batch among the ``batch * shortlist_factor`` most
@@ -269,6 +298,8 @@ def rank(
             (``AUTO_LABELS_PER_CLASS``), > 0.
         auto_min_accuracy: ``auto`` also needs the model's accuracy evidence, when given, to reach
             this (``AUTO_MIN_ACCURACY``), in [0, 1].
+        n_classes: the project's classes, for probcover's radius; None reads it from ``probs``,
+            else from ``evidence['labels_per_class']`` when that lists every class.
 
     Returns:
         A :class:`Ranking`.
@@ -328,6 +359,7 @@ def rank(
         shortlist_factor=float(shortlist_factor),
         seed=seed,
         device=device,
+        n_classes=_class_count(n_classes, probs, evidence),
     )
     notes = _Notes(n)
     order = impl.order(pool, notes) if len(pool.unlabeled) else np.empty(0, dtype=np.int64)
@@ -345,8 +377,26 @@ def rank(
         group_size=notes.group_size,
         group_labeled=notes.group_labeled,
         group_queued=notes.group_queued,
+        covers=notes.covers,
         decision=decision,
     )
+
+
+def _class_count(n_classes, probs, evidence) -> int | None:
+    """The number of classes: given, else the columns of ``probs``, else the length of a
+    per-class ``labels_per_class`` in the evidence; None when nothing says."""
+    if n_classes is not None:
+        if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
+            raise SelectionInputError(f"n_classes must be a whole number >= 1, got {n_classes!r}")
+        if n_classes < 1:
+            raise SelectionInputError(f"n_classes must be a whole number >= 1, got {n_classes!r}")
+        return int(n_classes)
+    if probs is not None:
+        return int(np.shape(probs)[1])
+    per_class = (evidence or {}).get("labels_per_class") if isinstance(evidence, dict) else None
+    if isinstance(per_class, (list, tuple, dict)) and per_class:
+        return len(per_class)
+    return None
 
 
 def _numpy(values) -> np.ndarray:

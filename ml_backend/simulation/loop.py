@@ -272,6 +272,7 @@ def run_seed(
                 measure=cfg.measure,
                 seed=split.seed * 100_003 + round_,
                 device=device,
+                n_classes=len(data.classes),
             )
             picked = np.asarray(ranking.order[: cfg.batch], dtype=np.int64)
             if mask[picked].any() or len(np.unique(picked)) != len(picked):

@@ -5,7 +5,7 @@ Not collected by pytest. Run from the repository root:
     python tests/benchmarks/bench_acquisition.py [--datasets digits,mnist --seeds 10 --batch 10
         --max-labels 300 --model logreg-pca --out docs/results]
     python tests/benchmarks/bench_acquisition.py --scale [--n 100000,1000000 --d 512 --device cpu
-        --scale-orders typicality,badge]
+        --scale-orders typicality,badge,probcover]
 
 Label efficiency. For each dataset and seed: a stratified 25% test split; the rest is the pool,
 with no label. Every strategy starts from zero labels and ranks the pool with
@@ -43,8 +43,9 @@ cannot make the model better than every label does, so ``ceiling - random`` boun
 Scale (``--scale``): time and peak memory (``ru_maxrss``) of ``typicality_order`` on random
 float32 data, ``N`` rows x ``d``, with 10 labeled rows and ``batch=20`` (K = 30 groups) and with
 480 labeled (K = 500, the cap), and of BADGE's batch of 20 (``badge_picks``, 10 classes of
-Dirichlet probabilities) over the unlabeled rows, each in a fresh subprocess so the peak is its
-own (``--scale-orders typicality,badge``).
+Dirichlet probabilities) over the unlabeled rows, and of ``probcover_order`` (10 classes; the
+"groups" column gives its graph's rows and radius), each in a fresh subprocess so the peak is its
+own (``--scale-orders typicality,badge,probcover``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ml_backend.selection import rank, typicality_order  # noqa: E402
+from ml_backend.selection import probcover_order, rank, typicality_order  # noqa: E402
 from ml_backend.selection.uncertainty import DEFAULT_MEASURE, MEASURES  # noqa: E402
 
 STRATEGIES = (
@@ -78,6 +79,7 @@ STRATEGIES = (
     "diversified",
     "typicality",
     "badge",
+    "probcover",
     "auto",
     "auto-cv",
 )
@@ -278,6 +280,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             evidence=evidence,
             auto_labels_per_class=args.auto_labels_per_class,
             auto_min_accuracy=args.auto_min_accuracy,
+            n_classes=n_classes,
         )
         if strategy == "auto-badge" and r.strategy.startswith("diversified"):
             r = rank("badge", probs=probs[pool], embeddings=emb[pool], labeled_mask=mask_pool,
@@ -504,6 +507,9 @@ def scale_one(n: int, d: int, labeled: int, device: str, what: str = "typicality
     if what == "badge":
         badge_picks(probs, x, np.arange(labeled, n), 20, seed=0, device=device)
         groups = "-"
+    elif what == "probcover":
+        res = probcover_order(x, np.arange(labeled), n_classes=10, device=device)
+        groups = f"graph {res.graph_rows:,}, delta {res.delta:.2f}"
     else:
         groups = typicality_order(x, np.arange(labeled), 20, device=device).n_clusters
     if device.startswith("cuda"):

@@ -265,6 +265,22 @@ def test_badge_orders_the_queue_and_says_why(world, job_settings, redis_conn):
     assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
 
 
+def test_probcover_orders_the_queue_and_says_why(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    settings = job_settings.with_overrides(strategy="probcover")
+    client = FakeLabelStudio(tasks)
+    out = run(settings, client, cache, StatusStore(redis_conn))
+    assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "probcover"
+    top = out["metrics"]["queue_top"]
+    # the job passes the label config's class count; each reason says what the pick covers
+    assert top[0]["reason"] == "covers"
+    assert "that no labeled or queued image is close to yet" in top[0]["why"]
+    assert {t["reason"] for t in top} <= {"covers", "covered"}
+    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
+
+
 def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, redis_conn):
     tasks, labels, cache = world
     for i in range(30):

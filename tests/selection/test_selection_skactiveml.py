@@ -13,15 +13,24 @@ Where they differ, on purpose (each has its test below):
   round-robin: the most typical unlabeled row of the group with the fewest labeled or queued rows;
 - groups smaller than ``MIN_CLUSTER_SIZE`` come last here (as in the TypiClust authors' code,
   which drops them); scikit-activeml treats them like any other group.
-BADGE's cross-check is in ``test_selection_badge.py``; ProbCover is not implemented here.
+BADGE's cross-check is in ``test_selection_badge.py``.
+
+ProbCover against scikit-activeml's ``ProbCover``, given the same groups and radius grid, on rows
+of unit length (ours scales rows to unit length, theirs does not): the same radius, and every
+pick of ours covers as many new rows as the best of theirs at that step (their utilities, with
+our earlier picks as labeled rows, which is how a batch goes on in both). Where the best is one
+row, the picks are the same rows in the same order; on ties they draw at random, we take the
+lower row.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from ml_backend.selection import kmeans, typicality_order
+from ml_backend.selection import kmeans, probcover_order, typicality_order
 
 skactiveml_pool = pytest.importorskip("skactiveml.pool")
 
@@ -119,3 +128,69 @@ def test_batch_beyond_uncovered_groups():
     # theirs: after the uncovered group, a uniform draw among all candidates, not by typicality
     draws = {int(reference(x, labeled, 3, groups, seed=s)[1]) for s in range(6)}
     assert len(draws) > 1
+
+
+# ---------------------------------------------------------------- ProbCover
+
+THEIR_DELTAS = np.round(np.arange(0.2, 2.01, 0.2), 1)  # their default grid
+
+
+def probcover_reference(x, labeled, batch, groups, seed=0):
+    """(picks, utilities per step, chosen radius) of scikit-activeml's ProbCover."""
+    y = np.full(len(x), np.nan)
+    y[labeled] = 0
+    qs = skactiveml_pool.ProbCover(
+        n_classes=int(groups.max()) + 1, deltas=THEIR_DELTAS, cluster_algo=GivenGroups,
+        cluster_algo_dict={"groups": groups}, random_state=seed,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # their warning when no radius is pure enough
+        picks, utilities = qs.query(x, y, batch_size=batch, return_utilities=True)
+    return picks, utilities, qs.delta_max_
+
+
+def unit_blobs(seed, n_blobs=5, d=4, scale=0.35):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_blobs, d))
+    sizes = rng.integers(10, 40, size=n_blobs)
+    x = np.concatenate(
+        [c + rng.normal(scale=scale, size=(s, d)) for c, s in zip(centres, sizes, strict=True)]
+    )
+    return x / np.linalg.norm(x, axis=1, keepdims=True), rng
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_probcover_same_radius_and_every_pick_is_a_best_one(seed):
+    x, rng = unit_blobs(seed)
+    groups = kmeans(x, 5, seed=seed, device="cpu").labels
+    labeled = rng.choice(len(x), size=int(rng.integers(0, 5)), replace=False)
+    batch = 6
+    ours = probcover_order(x, labeled, n_classes=5, deltas=THEIR_DELTAS, clusters=groups,
+                           device="cpu")  # fmt: skip
+    _, _, their_delta = probcover_reference(x, labeled, 1, groups)
+    assert ours.delta == pytest.approx(their_delta)
+    picks = ours.order[: min(batch, ours.greedy)]
+    for b, pick in enumerate(picks):
+        # their step b, with our picks before it as labeled rows
+        _, utilities, _ = probcover_reference(x, np.r_[labeled, picks[:b]], 1, groups)
+        best = np.nanmax(utilities[0])
+        assert utilities[0][pick] == best == ours.covers[pick]
+
+
+def test_probcover_same_picks_in_the_same_order_without_ties():
+    # blobs of distinct sizes, each far tighter than the gaps: a ball is its blob, so every
+    # step has one best row (the largest uncovered blob; inside it, ties go to our lower row,
+    # so the blob, not the row, is compared)
+    rng = np.random.default_rng(7)
+    sizes = [31, 24, 17, 12, 7]
+    x = np.concatenate([np.eye(5)[i] + rng.normal(scale=0.01, size=(s, 5))
+                        for i, s in enumerate(sizes)])  # fmt: skip
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    blob = np.repeat(np.arange(5), sizes)
+    labeled = [31]  # one label in the second blob
+    ours = probcover_order(x, labeled, n_classes=5, deltas=THEIR_DELTAS, clusters=blob,
+                           device="cpu")  # fmt: skip
+    theirs, _, delta = probcover_reference(x, labeled, 4, blob)
+    assert ours.delta == delta and 1.0 <= delta < np.sqrt(2)  # under the gap between blobs
+    np.testing.assert_array_equal(blob[ours.order[:4]], blob[theirs])
+    assert blob[ours.order[:4]].tolist() == [0, 2, 3, 4]
