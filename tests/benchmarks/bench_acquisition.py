@@ -19,6 +19,7 @@ with ``badge`` where ``auto`` would run diversified; ``auto-wkm<factor>`` is ``a
 uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows there (Zhdanov
 2019, an experiment); ``auto-gu`` is ``auto`` with diversified ranked by the uncertainty of label
 spreading along the pool's graph instead of the head's (``--model recipe``, an experiment);
+``auto-pc`` is ``auto`` with ``probcover`` where ``auto`` would run typicality (an experiment);
 ``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
 which is what the job passes (the recipe's cross-validated accuracy of the served head).
@@ -288,6 +289,9 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         if strategy.startswith("auto-wkm") and r.strategy.startswith("diversified"):
             factor = int(strategy.removeprefix("auto-wkm") or 10)
             r = _weighted_kmeans_ranking(probs[pool], emb[pool], mask_pool, args, seed, factor)
+        if strategy == "auto-pc" and r.strategy.startswith("typicality"):
+            r = rank("probcover", embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
+                     seed=seed, device="cpu", n_classes=n_classes)  # fmt: skip
         if strategy == "auto-gu" and r.strategy.startswith("diversified"):
             r = rank("diversified", probs=_graph_probs(model, pool, mask_pool, y, n_classes),
                      embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,

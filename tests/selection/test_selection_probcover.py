@@ -6,6 +6,7 @@ import importlib
 
 import numpy as np
 import pytest
+import torch
 
 from ml_backend.errors import SelectionInputError
 from ml_backend.selection import explain, probcover_order, rank
@@ -166,3 +167,17 @@ def test_rank_probcover_reasons_and_words():
         rank("probcover", embeddings=x, labeled_mask=mask, batch=3)
     with pytest.raises(SelectionInputError, match="n_classes"):
         rank("probcover", embeddings=x, labeled_mask=mask, batch=3, n_classes=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(12, 32))
+    x = np.concatenate([c + rng.normal(scale=0.4, size=(300, 32)) for c in centres]).astype(
+        np.float32
+    )
+    groups = np.repeat(np.arange(12), 300)  # the same groups: k-means may differ by device
+    cpu = probcover_order(x, [0, 1, 2], n_classes=12, clusters=groups, device="cpu")
+    gpu = probcover_order(x, [0, 1, 2], n_classes=12, clusters=groups, device="cuda")
+    assert cpu.delta == gpu.delta
+    np.testing.assert_array_equal(cpu.order[:20], gpu.order[:20])
