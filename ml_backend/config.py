@@ -132,6 +132,12 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
         "Queue order: auto (typicality until the model is trusted, then diversified), "
         "diversified, badge, uncertainty, coreset, random, typicality or probcover.",
     ),
+    "PROBCOVER_RADIUS": (
+        "purity",
+        "probcover: radius of the balls on unit-length embeddings, 0.05 to 2, or purity (the "
+        "paper's rule: the largest radius whose balls stay inside one k-means group for 95% of "
+        "the tasks).",
+    ),
     "UNCERTAINTY": (
         "margin",
         "Uncertainty measure of diversified and uncertainty: margin, entropy or least_confidence.",
@@ -327,6 +333,13 @@ def _image_size(raw: str) -> int:
     return value
 
 
+def _probcover_radius(raw: str) -> float:
+    """PROBCOVER_RADIUS: ``purity`` (0.0) or a radius in [0.05, 2]."""
+    if raw.strip().lower() == "purity":
+        return 0.0
+    return _float("PROBCOVER_RADIUS", raw, 0.05, 2.0)
+
+
 def _run_workers(raw: str) -> int:
     """RUN_WORKERS: ``auto`` (0) or a whole number of worker processes."""
     if raw.strip().lower() == "auto":
@@ -439,6 +452,7 @@ class Settings:
     inference_batch_size: int = 256
     embed_chunk: int = 10_000
     strategy: str = "auto"
+    probcover_radius: float = 0.0  # 0: the purity rule
     uncertainty: str = "margin"
     queue_batch: int = 20
     shortlist_factor: int = 5
@@ -510,6 +524,7 @@ class Settings:
             ),
             embed_chunk=_int("EMBED_CHUNK", get("EMBED_CHUNK"), minimum=0),
             strategy=_choice("STRATEGY", get("STRATEGY"), STRATEGIES),
+            probcover_radius=_probcover_radius(get("PROBCOVER_RADIUS")),
             uncertainty=_choice("UNCERTAINTY", get("UNCERTAINTY"), UNCERTAINTY_MEASURES),
             queue_batch=_int("QUEUE_BATCH", get("QUEUE_BATCH"), minimum=1),
             shortlist_factor=_int("SHORTLIST_FACTOR", get("SHORTLIST_FACTOR"), minimum=1),

@@ -73,6 +73,8 @@ def test_values_are_parsed():
         ({"BASIC_AUTH_USER": "u"}, "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together"),
         ({"PRETRAINED": "no/such/file.pt"}, "PRETRAINED must be imagenet, none or the path"),
         ({"DEVICE": "tpu"}, "DEVICE must be auto, cpu, cuda or cuda:N"),
+        ({"PROBCOVER_RADIUS": "wide"}, "PROBCOVER_RADIUS must be a number, got 'wide'"),
+        ({"PROBCOVER_RADIUS": "3"}, "PROBCOVER_RADIUS must be between 0.05 and 2.0, got 3.0"),
     ],
 )
 def test_bad_values_name_the_variable(env, message):
@@ -191,6 +193,8 @@ def test_auto_and_on_off_settings():
         Settings.from_env({"SELF_SUPERVISED": "maybe"})
     with pytest.raises(ConfigError, match="IMAGE_SIZE must be auto or at least 32, got 8"):
         Settings.from_env({"IMAGE_SIZE": "8"})
+    assert Settings.from_env({"PROBCOVER_RADIUS": "Purity"}).probcover_radius == 0.0
+    assert Settings.from_env({"PROBCOVER_RADIUS": "0.5"}).probcover_radius == 0.5
 
 
 def test_run_workers_auto_is_two_with_a_gpu_and_one_on_a_cpu():

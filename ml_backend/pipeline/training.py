@@ -871,6 +871,7 @@ def _rank(run: _Run, pool: Pool, probs, embeddings, val_accuracy=None, acceptanc
         auto_labels_per_class=settings.auto_labels_per_class,
         auto_min_accuracy=settings.auto_min_accuracy,
         n_classes=len(pool.label_names),
+        probcover_radius=settings.probcover_radius or None,  # 0: the purity rule
     )
     run.lap("rank", t0)
     return ranking

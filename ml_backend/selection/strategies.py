@@ -106,6 +106,7 @@ class _Pool:
     seed: int | None
     device: object
     n_classes: int | None
+    probcover_radius: float | None
 
 
 class _Notes:
@@ -233,7 +234,8 @@ class ProbCoverStrategy(Strategy):
                 "evidence['labels_per_class'] per class)"
             )
         res = probcover_order(pool.embeddings, pool.labeled, n_classes=pool.n_classes,
-                              seed=pool.seed, device=pool.device)  # fmt: skip
+                              delta=pool.probcover_radius, seed=pool.seed,
+                              device=pool.device)  # fmt: skip
         notes.reason[pool.unlabeled] = "covered"
         picks = res.order[: res.greedy]
         notes.reason[picks] = "covers"
@@ -275,6 +277,7 @@ def rank(
     auto_labels_per_class: float = AUTO_LABELS_PER_CLASS,
     auto_min_accuracy: float = AUTO_MIN_ACCURACY,
     n_classes: int | None = None,
+    probcover_radius: float | None = None,
 ) -> Ranking:
     """Order every unlabeled row for labeling with the named strategy (formulas: module docstring).
 
@@ -300,6 +303,8 @@ def rank(
             this (``AUTO_MIN_ACCURACY``), in [0, 1].
         n_classes: the project's classes, for probcover's radius; None reads it from ``probs``,
             else from ``evidence['labels_per_class']`` when that lists every class.
+        probcover_radius: probcover's ball radius on unit-length embeddings, in (0, 2]
+            (``PROBCOVER_RADIUS``); None chooses it by the purity rule (``probcover.py``).
 
     Returns:
         A :class:`Ranking`.
@@ -360,6 +365,7 @@ def rank(
         seed=seed,
         device=device,
         n_classes=_class_count(n_classes, probs, evidence),
+        probcover_radius=probcover_radius,
     )
     notes = _Notes(n)
     order = impl.order(pool, notes) if len(pool.unlabeled) else np.empty(0, dtype=np.int64)

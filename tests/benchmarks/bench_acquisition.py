@@ -20,6 +20,8 @@ uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows the
 2019, an experiment); ``auto-gu`` is ``auto`` with diversified ranked by the uncertainty of label
 spreading along the pool's graph instead of the head's (``--model recipe``, an experiment);
 ``auto-pc`` is ``auto`` with ``probcover`` where ``auto`` would run typicality (an experiment);
+``probcover-d<radius>`` is ``probcover`` with a fixed radius instead of the purity rule (an
+experiment);
 ``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
 which is what the job passes (the recipe's cross-validated accuracy of the served head).
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import importlib
 import json
 import os
@@ -270,7 +273,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
         t0 = time.perf_counter()
         r = rank(
-            "auto" if name.startswith("auto-") else name,
+            "auto" if name.startswith("auto-") else name.split("-d")[0],
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
             labeled_mask=mask_pool,
@@ -289,6 +292,11 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         if strategy.startswith("auto-wkm") and r.strategy.startswith("diversified"):
             factor = int(strategy.removeprefix("auto-wkm") or 10)
             r = _weighted_kmeans_ranking(probs[pool], emb[pool], mask_pool, args, seed, factor)
+        if strategy.startswith("probcover-d"):  # a fixed radius instead of the purity rule
+            res = probcover_order(emb[pool], np.flatnonzero(mask_pool), n_classes=n_classes,
+                                  delta=float(strategy.removeprefix("probcover-d")), seed=seed,
+                                  device="cpu")  # fmt: skip
+            r = dataclasses.replace(r, order=res.order)
         if strategy == "auto-pc" and r.strategy.startswith("typicality"):
             r = rank("probcover", embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
                      seed=seed, device="cpu", n_classes=n_classes)  # fmt: skip

@@ -281,6 +281,16 @@ def test_probcover_orders_the_queue_and_says_why(world, job_settings, redis_conn
     assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
 
 
+def test_probcover_radius_setting_reaches_the_queue(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    # at the largest radius one labeled image covers every other: nothing is left to cover
+    settings = job_settings.with_overrides(strategy="probcover", probcover_radius=2.0)
+    out = run(settings, FakeLabelStudio(tasks), cache, StatusStore(redis_conn))
+    assert {t["reason"] for t in out["metrics"]["queue_top"]} == {"covered"}
+
+
 def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, redis_conn):
     tasks, labels, cache = world
     for i in range(30):

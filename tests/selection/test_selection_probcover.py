@@ -181,3 +181,15 @@ def test_cuda_matches_cpu():
     gpu = probcover_order(x, [0, 1, 2], n_classes=12, clusters=groups, device="cuda")
     assert cpu.delta == gpu.delta
     np.testing.assert_array_equal(cpu.order[:20], gpu.order[:20])
+
+
+def test_rank_passes_a_fixed_radius():
+    x, _ = two_blobs_and_an_outlier()
+    mask = np.zeros(len(x), bool)
+    fixed = rank("probcover", embeddings=x, labeled_mask=mask, n_classes=3, probcover_radius=0.3)
+    direct = probcover_order(x, [], n_classes=3, delta=0.3)
+    np.testing.assert_array_equal(fixed.order, direct.order)
+    chosen = probcover_order(x, [], n_classes=3)
+    assert chosen.delta != 0.3  # the purity rule picks another radius on this pool
+    with pytest.raises(SelectionInputError, match="delta"):
+        rank("probcover", embeddings=x, labeled_mask=mask, n_classes=3, probcover_radius=3.0)
