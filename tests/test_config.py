@@ -193,8 +193,9 @@ def test_auto_and_on_off_settings():
         Settings.from_env({"SELF_SUPERVISED": "maybe"})
     with pytest.raises(ConfigError, match="IMAGE_SIZE must be auto or at least 32, got 8"):
         Settings.from_env({"IMAGE_SIZE": "8"})
+    assert defaults.probcover_radius == 0.5
     assert Settings.from_env({"PROBCOVER_RADIUS": "Purity"}).probcover_radius == 0.0
-    assert Settings.from_env({"PROBCOVER_RADIUS": "0.5"}).probcover_radius == 0.5
+    assert Settings.from_env({"PROBCOVER_RADIUS": "0.8"}).probcover_radius == 0.8
 
 
 def test_run_workers_auto_is_two_with_a_gpu_and_one_on_a_cpu():

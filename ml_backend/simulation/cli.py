@@ -266,7 +266,7 @@ def _simulate(args: argparse.Namespace) -> None:
         rounds=args.rounds, seeds=args.seeds, test_fraction=args.test_fraction,
         epochs=args.epochs, train_batch_size=args.train_batch_size, lr=args.lr,
         device=str(device), pretrained=args.pretrained, shortlist_factor=args.shortlist_factor,
-        measure=args.uncertainty, recipe=args.recipe, pretrain_budget_s=args.pretrain_budget,
+        measure=args.uncertainty, probcover_radius=_DEFAULTS.probcover_radius, recipe=args.recipe, pretrain_budget_s=args.pretrain_budget,
         pretrain_epochs=args.pretrain_epochs, finetune_min_labels=args.finetune_min_labels,
     )  # fmt: skip
     seeds = range(args.first_seed, args.first_seed + cfg.seeds)

@@ -48,6 +48,7 @@ class SimConfig:
     pretrained: str = "none"
     shortlist_factor: float = 5.0
     measure: str = DEFAULT_MEASURE
+    probcover_radius: float = 0.5  # PROBCOVER_RADIUS's default; 0: the purity rule
     inference_batch_size: int = 256
     recipe: str = "backend"  # or "legacy"
     pretrain_budget_s: float = 60.0
@@ -273,6 +274,7 @@ def run_seed(
                 seed=split.seed * 100_003 + round_,
                 device=device,
                 n_classes=len(data.classes),
+                probcover_radius=cfg.probcover_radius or None,
             )
             picked = np.asarray(ranking.order[: cfg.batch], dtype=np.int64)
             if mask[picked].any() or len(np.unique(picked)) != len(picked):

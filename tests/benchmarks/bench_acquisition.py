@@ -20,9 +20,9 @@ uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows the
 2019, an experiment); ``auto-gu`` is ``auto`` with diversified ranked by the uncertainty of label
 spreading along the pool's graph instead of the head's (``--model recipe``, an experiment);
 ``auto-pc`` is ``auto`` with ``probcover`` where ``auto`` would run typicality (an experiment);
-``probcover-d<radius>`` is ``probcover`` with a fixed radius instead of the purity rule (an
-experiment);
-``auto-cv`` is ``auto``
+``probcover`` runs at the backend's ``PROBCOVER_RADIUS``, ``probcover-purity`` (and
+``auto-pc-purity``) with the paper's purity rule, ``probcover-d<radius>`` (and
+``auto-pc-d<radius>``) with that radius; ``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
 which is what the job passes (the recipe's cross-validated accuracy of the served head).
 
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import importlib
 import json
 import os
@@ -73,6 +72,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ml_backend.config import Settings  # noqa: E402
 from ml_backend.selection import probcover_order, rank, typicality_order  # noqa: E402
 from ml_backend.selection.uncertainty import DEFAULT_MEASURE, MEASURES  # noqa: E402
 
@@ -256,6 +256,16 @@ def cv_accuracy(model, rows: np.ndarray, labels: np.ndarray) -> float | None:
 # ---------------------------------------------------------------- one run
 
 
+def _probcover_radius(strategy: str) -> float | None:
+    """probcover's radius for a strategy name: ``...-purity`` the purity rule (None), ``...-d<r>``
+    the radius ``r``, else the backend's default (``PROBCOVER_RADIUS``)."""
+    if strategy.endswith("-purity"):
+        return None
+    if "-d" in strategy:
+        return float(strategy.rsplit("-d", 1)[1])
+    return Settings().probcover_radius or None
+
+
 def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
     """Labels and accuracy after every round, for one strategy and one seed."""
     n_classes = int(y.max()) + 1
@@ -267,13 +277,14 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         mask_pool = labeled[pool]
         # without a model, rank() runs the strategy's own cold start, as the job does
         name = strategy
+        radius = _probcover_radius(strategy)
         counts = np.bincount(y[pool][mask_pool], minlength=n_classes)
         evidence = {"labels_per_class": counts.tolist()}
         if strategy == "auto-cv" and probs is not None:
             evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
         t0 = time.perf_counter()
         r = rank(
-            "auto" if name.startswith("auto-") else name.split("-d")[0],
+            "auto" if name.startswith("auto-") else name.split("-")[0],
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
             labeled_mask=mask_pool,
@@ -285,6 +296,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             auto_labels_per_class=args.auto_labels_per_class,
             auto_min_accuracy=args.auto_min_accuracy,
             n_classes=n_classes,
+            probcover_radius=radius,
         )
         if strategy == "auto-badge" and r.strategy.startswith("diversified"):
             r = rank("badge", probs=probs[pool], embeddings=emb[pool], labeled_mask=mask_pool,
@@ -292,14 +304,10 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
         if strategy.startswith("auto-wkm") and r.strategy.startswith("diversified"):
             factor = int(strategy.removeprefix("auto-wkm") or 10)
             r = _weighted_kmeans_ranking(probs[pool], emb[pool], mask_pool, args, seed, factor)
-        if strategy.startswith("probcover-d"):  # a fixed radius instead of the purity rule
-            res = probcover_order(emb[pool], np.flatnonzero(mask_pool), n_classes=n_classes,
-                                  delta=float(strategy.removeprefix("probcover-d")), seed=seed,
-                                  device="cpu")  # fmt: skip
-            r = dataclasses.replace(r, order=res.order)
-        if strategy == "auto-pc" and r.strategy.startswith("typicality"):
+        if strategy.startswith("auto-pc") and r.strategy.startswith("typicality"):
             r = rank("probcover", embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
-                     seed=seed, device="cpu", n_classes=n_classes)  # fmt: skip
+                     seed=seed, device="cpu", n_classes=n_classes,
+                     probcover_radius=radius)  # fmt: skip
         if strategy == "auto-gu" and r.strategy.startswith("diversified"):
             r = rank("diversified", probs=_graph_probs(model, pool, mask_pool, y, n_classes),
                      embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
