@@ -6,7 +6,10 @@ image covers yet. So:
 
 1. Rows are scaled to unit length (the self-supervised backbone is trained on cosine similarity;
    distances then lie in ``[0, 2]``).
-2. ``delta``: the largest value of ``DELTAS`` whose balls are *pure*: the rows are grouped by
+2. ``delta``: given (the job passes ``PROBCOVER_RADIUS``, 0.5 by default: on the backend's
+   self-supervised embeddings the rule below picks 0.2-0.3, where the median ball holds one
+   image, and that queue lost 18-25 points to random on MNIST-5k; README), or the paper's rule:
+   the largest value of ``DELTAS`` whose balls are *pure*: the rows are grouped by
    k-means into as many groups as the project has classes (a stand-in for the unknown classes),
    and a row is pure when every row within ``delta`` of it is in its own group. ``delta`` keeps
    at least ``alpha`` (0.95) of the rows pure; the smallest value when none does. Purity is
