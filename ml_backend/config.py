@@ -283,6 +283,20 @@ def _knob_whole(setting: str, note: str = ""):
     return parse, f"a whole number from {low} to {high}{note} (the limit of {setting})"
 
 
+def _knob_radius():
+    def parse(value: Any) -> float:
+        if isinstance(value, str) and value.strip().lower() == "purity":
+            return 0.0
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not 0.05 <= number <= 2.0:
+            raise ValueError
+        return number
+
+    return parse, "a number from 0.05 to 2 or purity (the limit of PROBCOVER_RADIUS)"
+
+
 # Per-project knobs (the model's "Extra params" in Label Studio): name -> (parser, what is
 # allowed). Each overrides the setting of the same name in upper case, within its BOUNDS.
 PARAM_RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
@@ -291,6 +305,7 @@ PARAM_RULES: dict[str, tuple[Callable[[Any], Any], str]] = {
     "queue_batch": _knob_whole("QUEUE_BATCH"),
     "shortlist_factor": _knob_whole("SHORTLIST_FACTOR"),
     "epochs": _knob_whole("EPOCHS", ", 0 = automatic"),
+    "probcover_radius": _knob_radius(),
 }
 
 

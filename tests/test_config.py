@@ -165,6 +165,15 @@ def test_knobs_share_the_bounds_of_their_settings():
                 parse(bad)
 
 
+def test_probcover_radius_knob():
+    parse, allowed = PARAM_RULES["probcover_radius"]
+    assert parse("0.7") == 0.7 and parse(2) == 2.0 and parse(" Purity ") == 0.0
+    assert "0.05 to 2 or purity" in allowed
+    for bad in (0.01, 2.5, True, "wide", None):
+        with pytest.raises((ValueError, TypeError)):
+            parse(bad)
+
+
 def test_image_hosts_and_byte_cap_are_parsed():
     settings = Settings.from_env(
         {"IMAGE_HOSTS": " Images.Example.com, *.cdn.example.org,*,10.0.0.5 ,[fd00::1],,"}

@@ -120,12 +120,21 @@ def test_setup_refuses_knobs_over_their_limit(client, redis_conn, raw, limit):
 
 
 def test_every_knob_has_both_bounds_and_the_limits_are_accepted(client, redis_conn):
-    whole = {k: v for k, v in PARAM_RULES.items() if k not in ("strategy", "uncertainty")}
+    named = ("strategy", "uncertainty", "probcover_radius")
+    whole = {k: v for k, v in PARAM_RULES.items() if k not in named}
     assert set(whole) == {"queue_batch", "shortlist_factor", "epochs"}
     highest = {name: BOUNDS[name.upper()][1] for name in whole}
     response = client.post("/setup", json={"project": "5.1", "extra_params": highest})
     assert response.status_code == 200, response.get_json()
     assert StatusStore(redis_conn).project_params(5) == highest
+    # the radius: a number in [0.05, 2] or "purity"; outside, a 400 that names the limit
+    response = client.post(
+        "/setup", json={"project": "5.1", "extra_params": {"probcover_radius": 2}}
+    )
+    assert response.status_code == 200, response.get_json()
+    response = client.post("/setup", json={"project": "5.1", "extra_params": "probcover_radius=3"})
+    assert response.status_code == 400
+    assert "0.05 to 2 or purity" in response.get_json()["error"]
 
 
 def test_webhook_training_actions_enqueue_and_coalesce(client, redis_conn, settings):
