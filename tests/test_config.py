@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import ml_backend.selection.probcover as probcover
 from ml_backend.config import (
     BOUNDS,
     PARAM_RULES,
@@ -202,7 +203,7 @@ def test_auto_and_on_off_settings():
         Settings.from_env({"SELF_SUPERVISED": "maybe"})
     with pytest.raises(ConfigError, match="IMAGE_SIZE must be auto or at least 32, got 8"):
         Settings.from_env({"IMAGE_SIZE": "8"})
-    assert defaults.probcover_radius == 0.5
+    assert defaults.probcover_radius == 0.5 == probcover.DEFAULT_RADIUS  # rank()'s default too
     assert Settings.from_env({"PROBCOVER_RADIUS": "Purity"}).probcover_radius == 0.0
     assert Settings.from_env({"PROBCOVER_RADIUS": "0.8"}).probcover_radius == 0.8
 

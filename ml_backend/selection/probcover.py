@@ -46,6 +46,7 @@ from ml_backend.errors import SelectionInputError
 from ml_backend.selection.kcenter import _as_indices, _as_tensor, _exact_matmul, _resolve_device
 from ml_backend.selection.kmeans import _TILE_ELEMENTS, FIT_ROWS, MAX_ITER, kmeans_centred
 
+DEFAULT_RADIUS = 0.5  # PROBCOVER_RADIUS's default (README: the purity rule picks 0.2-0.3 here)
 ALPHA = 0.95  # share of rows whose ball must be pure (the paper's value)
 DELTAS = np.round(np.arange(0.05, 2.0001, 0.05), 2)  # radii tried, on unit-length rows
 PURITY_ROWS = 5_000  # purity is measured on at most this many rows (a seeded sample beyond)
@@ -65,7 +66,8 @@ class CoverResult:
         ball: ``int64 [N]`` rows of the graph within ``delta`` of each graph row (itself
             included); 0 outside the graph and for labeled rows.
         delta: the ball radius used.
-        purity: share of the purity rows whose ball was pure at ``delta``.
+        purity: share of the purity rows whose ball was pure at ``delta``; NaN when the radius
+            was given without ``n_classes`` (no groups to be pure in).
         covered_by_labels: graph rows the labeled rows covered before the first pick.
         graph_rows: unlabeled rows in the graph (all of them unless the pool is large).
         greedy: how many rows the greedy phase placed (the rest are covered already).
@@ -85,7 +87,7 @@ def probcover_order(
     embeddings,
     labeled_indices,
     *,
-    n_classes: int,
+    n_classes: int | None = None,
     alpha: float = ALPHA,
     deltas=None,
     delta: float | None = None,
@@ -98,7 +100,8 @@ def probcover_order(
     Args:
         embeddings: ``[N, d]`` finite numbers, numpy array or torch tensor.
         labeled_indices: rows already labeled; they cover their balls and are never ordered.
-        n_classes: classes of the project, >= 1: the k-means groups that ``delta`` is chosen by.
+        n_classes: classes of the project, >= 1: the k-means groups that ``delta`` is chosen by;
+            needed by the purity rule only (``delta`` None).
         alpha: share of pure balls ``delta`` must keep, in (0, 1).
         deltas: radii to choose from (default ``DELTAS``), each in ``[0, 2]``.
         delta: a fixed radius, to skip the choice (tests, cross-checks).
@@ -115,7 +118,13 @@ def probcover_order(
     x = _as_tensor(embeddings)
     n = x.shape[0]
     labeled = _as_indices(labeled_indices, n, "labeled_indices", pool_limit=True)
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+    if n_classes is None and delta is None and clusters is None:
+        raise SelectionInputError(
+            "the purity rule needs n_classes (the number of classes); or give a radius (delta)"
+        )
+    if n_classes is not None and (
+        isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1
+    ):
         raise SelectionInputError(f"n_classes must be a whole number >= 1, got {n_classes!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise SelectionInputError(f"alpha must be a number in (0, 1), got {alpha!r}")
@@ -140,7 +149,9 @@ def probcover_order(
         # 2. the radius: the largest whose balls stay pure for alpha of the rows
         purity_rows = _sample(rng, np.arange(n), PURITY_ROWS)
         ps = _unit_rows(x, purity_rows, dev, dtype)
-        if clusters is None:
+        if clusters is None and n_classes is None:  # a given radius: no groups to be pure in
+            groups_p = np.zeros(len(purity_rows), dtype=np.int64)
+        elif clusters is None:
             groups_p = kmeans_centred(ps, np.zeros(ps.shape[1]), int(n_classes), seed,
                                       MAX_ITER, FIT_ROWS).labels  # fmt: skip
         else:
@@ -150,6 +161,8 @@ def probcover_order(
         # purity never grows with the radius, so the passing radii are a prefix of the grid
         pick = max(int((purity >= alpha).sum()) - 1, 0)
         radius, pure = float(grid[pick]), float(purity[pick])
+        if clusters is None and n_classes is None:
+            pure = float("nan")
         # 3. the graph, sized so that its expected edges stay under MAX_EDGES
         share = max(float(ball_counts[pick]) / (len(purity_rows) ** 2), 1.0 / len(purity_rows))
         cap = int(min(GRAPH_ROWS, max(1000, np.sqrt(MAX_EDGES / share))))

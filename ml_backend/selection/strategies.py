@@ -48,7 +48,7 @@ from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, 
 from ml_backend.selection.badge import badge_picks
 from ml_backend.selection.inputs import check_rows, is_number, validated_mask
 from ml_backend.selection.kcenter import k_center_greedy_details
-from ml_backend.selection.probcover import probcover_order
+from ml_backend.selection.probcover import DEFAULT_RADIUS, probcover_order
 from ml_backend.selection.typicality import typicality_order
 from ml_backend.selection.uncertainty import DEFAULT_MEASURE
 from ml_backend.selection.uncertainty import uncertainty as score_uncertainty
@@ -228,10 +228,10 @@ class ProbCoverStrategy(Strategy):
     needs_embeddings = True
 
     def order(self, pool, notes):
-        if pool.n_classes is None:
+        if pool.n_classes is None and pool.probcover_radius is None:
             raise SelectionInputError(
-                "strategy 'probcover' needs the number of classes (n_classes, or probs, or "
-                "evidence['labels_per_class'] per class)"
+                "strategy 'probcover' with the purity rule needs the number of classes "
+                "(n_classes, or probs, or evidence['labels_per_class'] per class)"
             )
         res = probcover_order(pool.embeddings, pool.labeled, n_classes=pool.n_classes,
                               delta=pool.probcover_radius, seed=pool.seed,
@@ -277,7 +277,7 @@ def rank(
     auto_labels_per_class: float = AUTO_LABELS_PER_CLASS,
     auto_min_accuracy: float = AUTO_MIN_ACCURACY,
     n_classes: int | None = None,
-    probcover_radius: float | None = None,
+    probcover_radius: float | None = DEFAULT_RADIUS,
 ) -> Ranking:
     """Order every unlabeled row for labeling with the named strategy (formulas: module docstring).
 
@@ -303,8 +303,9 @@ def rank(
             this (``AUTO_MIN_ACCURACY``), in [0, 1].
         n_classes: the project's classes, for probcover's radius; None reads it from ``probs``,
             else from ``evidence['labels_per_class']`` when that lists every class.
-        probcover_radius: probcover's ball radius on unit-length embeddings, in (0, 2]
-            (``PROBCOVER_RADIUS``); None chooses it by the purity rule (``probcover.py``).
+        probcover_radius: probcover's ball radius on unit-length embeddings, in [0, 2]
+            (``PROBCOVER_RADIUS``, default 0.5); None chooses it by the purity rule, which needs
+            the number of classes (``probcover.py``).
 
     Returns:
         A :class:`Ranking`.

@@ -163,8 +163,11 @@ def test_rank_probcover_reasons_and_words():
     r2 = rank("probcover", embeddings=x, labeled_mask=mask, batch=3,
               evidence={"labels_per_class": {"a": 1, "b": 0, "c": 0}})  # fmt: skip
     np.testing.assert_array_equal(r.order, r2.order)
+    # a given radius needs no class count (the default, 0.5); the purity rule does
+    r3 = rank("probcover", embeddings=x, labeled_mask=mask, batch=3)
+    np.testing.assert_array_equal(r.order, r3.order)
     with pytest.raises(SelectionInputError, match="number of classes"):
-        rank("probcover", embeddings=x, labeled_mask=mask, batch=3)
+        rank("probcover", embeddings=x, labeled_mask=mask, batch=3, probcover_radius=None)
     with pytest.raises(SelectionInputError, match="n_classes"):
         rank("probcover", embeddings=x, labeled_mask=mask, batch=3, n_classes=0)
 
@@ -181,6 +184,16 @@ def test_cuda_matches_cpu():
     gpu = probcover_order(x, [0, 1, 2], n_classes=12, clusters=groups, device="cuda")
     assert cpu.delta == gpu.delta
     np.testing.assert_array_equal(cpu.order[:20], gpu.order[:20])
+
+
+def test_a_given_radius_needs_no_class_count():
+    x, _ = two_blobs_and_an_outlier()
+    without = probcover_order(x, [2], delta=0.3)
+    with_classes = probcover_order(x, [2], n_classes=3, delta=0.3)
+    np.testing.assert_array_equal(without.order, with_classes.order)
+    assert np.isnan(without.purity) and 0 < with_classes.purity <= 1
+    with pytest.raises(SelectionInputError, match="purity rule needs n_classes"):
+        probcover_order(x, [2])
 
 
 def test_rank_passes_a_fixed_radius():
