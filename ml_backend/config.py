@@ -283,6 +283,9 @@ def _knob_whole(setting: str, note: str = ""):
     return parse, f"a whole number from {low} to {high}{note} (the limit of {setting})"
 
 
+PROBCOVER_RADIUS_RANGE = (0.05, 2.0)  # on unit-length embeddings; "purity" is stored as 0
+
+
 def _knob_radius():
     def parse(value: Any) -> float:
         if isinstance(value, str) and value.strip().lower() == "purity":
@@ -290,7 +293,8 @@ def _knob_radius():
         if isinstance(value, bool):
             raise ValueError
         number = float(value)
-        if not 0.05 <= number <= 2.0:
+        low, high = PROBCOVER_RADIUS_RANGE
+        if not low <= number <= high:
             raise ValueError
         return number
 
@@ -352,7 +356,7 @@ def _probcover_radius(raw: str) -> float:
     """PROBCOVER_RADIUS: ``purity`` (0.0) or a radius in [0.05, 2]."""
     if raw.strip().lower() == "purity":
         return 0.0
-    return _float("PROBCOVER_RADIUS", raw, 0.05, 2.0)
+    return _float("PROBCOVER_RADIUS", raw, *PROBCOVER_RADIUS_RANGE)
 
 
 def _run_workers(raw: str) -> int:

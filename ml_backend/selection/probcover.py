@@ -44,7 +44,7 @@ import torch
 
 from ml_backend.errors import SelectionInputError
 from ml_backend.selection.kcenter import _as_indices, _as_tensor, _exact_matmul, _resolve_device
-from ml_backend.selection.kmeans import _TILE_ELEMENTS, FIT_ROWS, MAX_ITER, kmeans_centred
+from ml_backend.selection.kmeans import _TILE_ELEMENTS, FIT_ROWS, MAX_ITER, _sq_dist, kmeans_centred
 
 DEFAULT_RADIUS = 0.5  # PROBCOVER_RADIUS's default (README: the purity rule picks 0.2-0.3 here)
 ALPHA = 0.95  # share of rows whose ball must be pure (the paper's value)
@@ -222,9 +222,8 @@ def _sample(rng: np.random.Generator, rows: np.ndarray, size: int) -> np.ndarray
 
 
 def _distances(a: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
-    d2 = torch.addmm(b_sq[None, :], a, b.T, alpha=-2.0)
-    d2 += (a * a).sum(dim=1, keepdim=True)
-    return d2.clamp_min_(0.0).sqrt_()
+    """``[len(a), len(b)]`` distances, given ``b``'s squared norms."""
+    return _sq_dist(b, b_sq, a).sqrt_()
 
 
 def _purity_pass(ps: torch.Tensor, groups: np.ndarray, grid: np.ndarray):

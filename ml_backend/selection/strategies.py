@@ -26,8 +26,9 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
   the model is unsure or in what they show), then the rest of ``U`` by descending squared gradient
   distance to the nearest pick. Seeded by ``seed``; labeled rows are not centres.
 - ``probcover``: ProbCover (``probcover.py``): the row whose ball of radius ``delta`` holds the most
-  rows no labeled or earlier picked row covers, greedily; ``delta`` is the largest radius whose
-  balls stay within one k-means group (``n_classes`` groups) for 95% of the rows.
+  rows no labeled or earlier picked row covers, greedily; ``delta`` is ``probcover_radius`` (0.5
+  by default), or with None the paper's purity rule: the largest radius whose balls stay within
+  one k-means group (``n_classes`` groups) for 95% of the rows.
 - ``auto``: ``typicality`` until the model has earned trust, then ``diversified``; the rule and the
   evidence it reads are in ``auto.py``.
 
@@ -233,7 +234,10 @@ class ProbCoverStrategy(Strategy):
                 "strategy 'probcover' with the purity rule needs the number of classes "
                 "(n_classes, or probs, or evidence['labels_per_class'] per class)"
             )
-        res = probcover_order(pool.embeddings, pool.labeled, n_classes=pool.n_classes,
+        # the class count only serves the purity rule: with a given radius it would cost a
+        # k-means per ranking for a purity figure nobody reads
+        classes = pool.n_classes if pool.probcover_radius is None else None
+        res = probcover_order(pool.embeddings, pool.labeled, n_classes=classes,
                               delta=pool.probcover_radius, seed=pool.seed,
                               device=pool.device)  # fmt: skip
         notes.reason[pool.unlabeled] = "covered"
