@@ -24,6 +24,7 @@ STRATEGIES = (
     "typicality",
     "badge",
     "probcover",
+    "herding",
     "auto",
 )
 UNCERTAINTY_MEASURES = ("entropy", "margin", "least_confidence")
@@ -130,7 +131,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     "STRATEGY": (
         "auto",
         "Queue order: auto (typicality until the model is trusted, then diversified), "
-        "diversified, badge, uncertainty, coreset, random, typicality or probcover.",
+        "diversified, badge, uncertainty, coreset, random, typicality, probcover or herding.",
     ),
     "PROBCOVER_RADIUS": (
         "0.5",

@@ -1,9 +1,10 @@
-"""Acquisition: uncertainty scores, greedy k-center, typicality, ProbCover and the queue-ordering strategies.
+"""Acquisition: uncertainty scores, greedy k-center, typicality, ProbCover, herding and the queue-ordering strategies.
 
 Pure numpy/torch, no I/O. See ``strategies.py`` for the formulas and ``docs/selection.md``.
 """
 
 from ml_backend.selection.auto import EVIDENCE_KEYS, Decision, decide
+from ml_backend.selection.herding import HerdingResult, herding_order
 from ml_backend.selection.kcenter import KCenterResult, k_center_greedy, k_center_greedy_details
 from ml_backend.selection.kmeans import KMeansResult, kmeans
 from ml_backend.selection.probcover import CoverResult, probcover_order
@@ -25,6 +26,7 @@ __all__ = [
     "STRATEGIES",
     "CoverResult",
     "Decision",
+    "HerdingResult",
     "KCenterResult",
     "KMeansResult",
     "Ranking",
@@ -32,6 +34,7 @@ __all__ = [
     "decide",
     "entropy",
     "explain",
+    "herding_order",
     "k_center_greedy",
     "k_center_greedy_details",
     "kmeans",

@@ -10,7 +10,9 @@ it into a sentence, with the class names and the model's probabilities when give
 | ``uncertain_far`` | diversified: in the uncertainty shortlist and farthest from labeled/picked |
 | ``uncertain`` | diversified after its batch, and uncertainty: by how unsure the model is |
 | ``uncertain_varied`` | badge's batch: unsure, and unlike the batch's other picks in gradient space |
-| ``covers`` | probcover: its ball holds the most images no labeled or queued image is near |
+| ``covers`` | probcover, and herding before a model: stands for the most images no labeled or queued image is near |
+| ``covers_unsure`` | herding's batch: stands for the most images the model is unsure of, far from labeled or queued ones |
+| ``herded`` | herding after its batch: by how much it would add to that coverage |
 | ``covered`` | probcover after full coverage: by how many images are near it |
 | ``far`` | coreset: far from every labeled (and earlier picked) image |
 | ``random`` | random order |
@@ -36,6 +38,8 @@ REASONS = (
     "random",
     "covers",
     "covered",
+    "covers_unsure",
+    "herded",
 )
 
 
@@ -73,12 +77,22 @@ def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, prob
         if code == "uncertain_varied":
             return f"{unsure}, in a way unlike the other tasks picked with it"
         return unsure
-    if code == "covers":
+    if code in ("covers", "covers_unsure"):
         others = int(ranking.covers[row]) - 1
+        many = f"{others} similar image{'s' if others != 1 else ''}"
+        if code == "covers_unsure":
+            unsure = _unsure(ranking, row, class_names, probs)
+            if others < 1:
+                return f"{unsure}, and no labeled or queued image is like it"
+            return f"{unsure}, and it stands for {many} that no labeled or queued image is close to yet"
         if others < 1:
             return "unlike every labeled or queued image, and unlike the other images too"
-        many = f"{others} similar image{'s' if others != 1 else ''}"
         return f"it stands for {many} that no labeled or queued image is close to yet"
+    if code == "herded":
+        return (
+            "after the batch: images that would stand for more of the pool the queue above "
+            "does not cover yet come first"
+        )
     if code == "covered":
         return (
             "every image is now close to a labeled or queued one; images with more look-alikes "

@@ -29,6 +29,11 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
   rows no labeled or earlier picked row covers, greedily; ``delta`` is ``probcover_radius`` (0.5
   by default), or with None the paper's purity rule: the largest radius whose balls stay within
   one k-means group (``n_classes`` groups) for 95% of the rows.
+- ``herding``: uncertainty herding (``herding.py``; Bae et al. 2024, 2025): a Gaussian kernel
+  ``k(x, y) = exp(-(||x - y|| / h)^2)`` on unit-length rows; greedily the row that most raises
+  ``sum_i u_i max_{j in L + picks} k(x_i, x_j)`` over the unlabeled rows ``i``, with ``u_i = 1``
+  before a model (MaxHerding: dense, mutually distant images first); then the rest by their
+  gain after the batch.
 - ``auto``: ``typicality`` until the model has earned trust, then ``diversified``; the rule and the
   evidence it reads are in ``auto.py``.
 
@@ -47,6 +52,7 @@ import numpy as np
 from ml_backend.errors import SelectionInputError
 from ml_backend.selection.auto import AUTO_LABELS_PER_CLASS, AUTO_MIN_ACCURACY, decide
 from ml_backend.selection.badge import badge_picks
+from ml_backend.selection.herding import herding_order
 from ml_backend.selection.inputs import check_rows, is_number, validated_mask
 from ml_backend.selection.kcenter import k_center_greedy_details
 from ml_backend.selection.probcover import DEFAULT_RADIUS, probcover_order
@@ -74,8 +80,9 @@ class Ranking:
         group_size: ``int64 [N]`` rows in that group (labeled included); 0 without groups.
         group_labeled: ``int64 [N]`` labeled rows in that group; 0 without groups.
         group_queued: ``int64 [N]`` unlabeled rows of that group ahead in the queue; 0 otherwise.
-        covers: ``int64 [N]`` for probcover's greedy picks, the rows each newly covered (itself
-            included); 0 otherwise.
+        covers: ``int64 [N]`` for probcover's and herding's greedy picks, the rows each newly
+            covered (itself included; herding: within one bandwidth, estimated over the pool);
+            0 otherwise.
         decision: why this strategy was used (``auto``'s rule, or the cold-start fallback), in a
             sentence; ``""`` when the named strategy simply ran.
     """
@@ -247,6 +254,19 @@ class ProbCoverStrategy(Strategy):
         return res.order
 
 
+class HerdingStrategy(Strategy):
+    needs_embeddings = True  # scores are optional: without a model every weight is 1
+
+    def order(self, pool, notes):
+        res = herding_order(pool.embeddings, pool.labeled, pool.batch, weights=pool.scores,
+                            seed=pool.seed, device=pool.device)  # fmt: skip
+        notes.reason[pool.unlabeled] = "herded"
+        picks = res.order[: res.picks]
+        notes.reason[picks] = "covers_unsure" if res.weighted else "covers"
+        notes.covers[picks] = res.stands_for[picks]
+        return res.order
+
+
 class AutoStrategy(Strategy):
     """Never orders: :func:`rank` resolves ``auto`` to typicality or diversified (``auto.py``)."""
 
@@ -261,6 +281,7 @@ STRATEGIES: dict[str, Strategy] = {
     "typicality": TypicalityStrategy(),
     "badge": BadgeStrategy(),
     "probcover": ProbCoverStrategy(),
+    "herding": HerdingStrategy(),
     "auto": AutoStrategy(),
 }
 COLD_START_FALLBACK = "typicality"
@@ -287,10 +308,10 @@ def rank(
 
     Args:
         strategy: one of ``STRATEGIES``: "diversified", "uncertainty", "coreset", "random",
-            "typicality", "badge", "probcover", "auto".
+            "typicality", "badge", "probcover", "herding", "auto".
         probs: ``[N, C]`` class probabilities of the current model, or None at cold start.
         embeddings: ``[N, d]`` embeddings (numpy or torch); needed by coreset, diversified, badge,
-            typicality, probcover and auto.
+            typicality, probcover, herding and auto.
         labeled_mask: ``bool [N]``, True where the row is labeled. Defines ``N``.
         batch: size of the batch at the top of the queue (``QUEUE_BATCH``), >= 1.
         shortlist_factor: diversified picks its batch among the ``batch * shortlist_factor`` most

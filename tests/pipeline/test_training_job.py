@@ -269,7 +269,10 @@ def test_probcover_orders_the_queue_and_says_why(world, job_settings, redis_conn
     tasks, labels, cache = world
     for i in range(30):
         tasks[i]["annotations"] = [choice(labels[i])]
-    settings = job_settings.with_overrides(strategy="probcover")
+    # bounded by epochs, not seconds: on a loaded machine a 2 s budget gives another backbone,
+    # and at radius 0.5 a weaker one can leave nothing uncovered after 30 labels
+    settings = job_settings.with_overrides(strategy="probcover", pretrain_budget_s=600,
+                                           pretrain_epochs=2)  # fmt: skip
     client = FakeLabelStudio(tasks)
     out = run(settings, client, cache, StatusStore(redis_conn))
     assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "probcover"
@@ -278,6 +281,23 @@ def test_probcover_orders_the_queue_and_says_why(world, job_settings, redis_conn
     assert top[0]["reason"] == "covers"
     assert "that no labeled or queued image is close to yet" in top[0]["why"]
     assert {t["reason"] for t in top} <= {"covers", "covered"}
+    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
+
+
+def test_herding_orders_the_queue_by_unsure_coverage_and_says_why(world, job_settings, redis_conn):
+    tasks, labels, cache = world
+    for i in range(30):
+        tasks[i]["annotations"] = [choice(labels[i])]
+    settings = job_settings.with_overrides(strategy="herding", pretrain_budget_s=600,
+                                           pretrain_epochs=2)  # fmt: skip
+    client = FakeLabelStudio(tasks)
+    out = run(settings, client, cache, StatusStore(redis_conn))
+    assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "herding"
+    top = out["metrics"]["queue_top"]
+    # a model exists: the batch covers images the model is unsure of, and says both
+    assert [t["reason"] for t in top] == ["covers_unsure"] * settings.queue_batch
+    assert top[0]["why"].startswith("the model is ")
+    assert "that no labeled or queued image is close to yet" in top[0]["why"]
     assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
 
 

@@ -21,6 +21,11 @@ pick of ours covers as many new rows as the best of theirs at that step (their u
 our earlier picks as labeled rows, which is how a batch goes on in both). Where the best is one
 row, the picks are the same rows in the same order; on ties they draw at random, we take the
 lower row.
+
+Herding (unweighted: MaxHerding) against scikit-activeml's ``MaxHerding`` with the same Gaussian
+kernel (``gamma = 1 / h^2``) on unit-length rows, both scaling the rows: the same batch in the
+same order. Both measure coverage over the unlabeled rows; where two rows tie they draw at random,
+we take the lower row (random rows in general position do not tie).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ml_backend.selection import kmeans, probcover_order, typicality_order
+from ml_backend.selection import herding_order, kmeans, probcover_order, typicality_order
 
 skactiveml_pool = pytest.importorskip("skactiveml.pool")
 
@@ -194,3 +199,17 @@ def test_probcover_same_picks_in_the_same_order_without_ties():
     assert ours.delta == delta and 1.0 <= delta < np.sqrt(2)  # under the gap between blobs
     np.testing.assert_array_equal(blob[ours.order[:4]], blob[theirs])
     assert blob[ours.order[:4]].tolist() == [0, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_maxherding_same_picks_in_the_same_order(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(250, 8)) + rng.normal(size=(1, 8)) * 2  # off-centre: scaling matters
+    labeled = rng.choice(250, size=3 * seed, replace=False)
+    y = np.full(len(x), np.nan)
+    y[labeled] = 0
+    h = (0.6, 1.0, 1.4)[seed % 3]
+    theirs = skactiveml_pool.MaxHerding(metric="rbf", metric_dict={"gamma": 1 / h**2},
+                                        random_state=seed).query(x, y, batch_size=10)  # fmt: skip
+    ours = herding_order(x, labeled, 10, bandwidth=h, device="cpu")
+    np.testing.assert_array_equal(ours.order[:10], theirs)
