@@ -130,7 +130,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "STRATEGY": (
         "auto",
-        "Queue order: auto (typicality until the model is trusted, then diversified), "
+        "Queue order: auto (typicality until the model is trusted, then herding), "
         "diversified, badge, uncertainty, coreset, random, typicality, probcover or herding.",
     ),
     "PROBCOVER_RADIUS": (
@@ -141,9 +141,14 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "UNCERTAINTY": (
         "margin",
-        "Uncertainty measure of diversified and uncertainty: margin, entropy or least_confidence.",
+        "Uncertainty measure of herding (auto's second phase), diversified and uncertainty: margin, "
+        "entropy or least_confidence.",
     ),
-    "QUEUE_BATCH": ("20", "Size of the diversified batch at the top of the queue."),
+    "QUEUE_BATCH": (
+        "20",
+        "Size of the batch at the top of the queue (the tasks herding, diversified, badge, "
+        "probcover or coreset pick together).",
+    ),
     "SHORTLIST_FACTOR": (
         "5",
         "diversified: k-center picks the batch among the QUEUE_BATCH x SHORTLIST_FACTOR most "
@@ -151,7 +156,7 @@ SETTINGS_DOC: dict[str, tuple[str | None, str]] = {
     ),
     "AUTO_LABELS_PER_CLASS": (
         "3",
-        "auto: switch from typicality to diversified once there are this many labels per class "
+        "auto: switch from typicality to herding once there are this many labels per class "
         "on average (and the model's accuracy evidence reaches AUTO_MIN_ACCURACY).",
     ),
     "AUTO_MIN_ACCURACY": (

@@ -34,7 +34,7 @@ the :class:`Ranking` it returns. Notation: ``U`` the unlabeled rows, ``L`` the l
   ``sum_i u_i max_{j in L + picks} k(x_i, x_j)`` over the unlabeled rows ``i``, with ``u_i = 1``
   before a model (MaxHerding: dense, mutually distant images first); then the rest by their
   gain after the batch.
-- ``auto``: ``typicality`` until the model has earned trust, then ``diversified``; the rule and the
+- ``auto``: ``typicality`` until the model has earned trust, then ``herding``; the rule and the
   evidence it reads are in ``auto.py``.
 
 Ties always go to the lower row index. ``probs=None`` is the cold start (no model yet): ``uncertainty``
@@ -73,7 +73,7 @@ class Ranking:
             when it was ranked; ``inf`` for the first pick of a pool with no labeled row; NaN where
             not computed (labeled rows, and every row for random / uncertainty / typicality).
         strategy: the strategy actually used, e.g. ``"typicality (cold start)"``,
-            ``"diversified (auto)"``.
+            ``"herding (auto)"``.
         reason: ``str [N]`` code of the rule that placed each unlabeled row (``reasons.REASONS``);
             ``""`` for labeled rows. :func:`ml_backend.selection.explain` says it in words.
         group: ``int64 [N]`` typicality group of each row; -1 when the strategy made none.
@@ -268,7 +268,7 @@ class HerdingStrategy(Strategy):
 
 
 class AutoStrategy(Strategy):
-    """Never orders: :func:`rank` resolves ``auto`` to typicality or diversified (``auto.py``)."""
+    """Never orders: :func:`rank` resolves ``auto`` to typicality or herding (``auto.py``)."""
 
     needs_embeddings = True
 
@@ -322,7 +322,7 @@ def rank(
         device: torch device for k-center and k-means; None means CUDA when available, else CPU.
         evidence: for ``auto``: None or a mapping with ``labels_per_class``, ``val_accuracy``,
             ``acceptance`` (see ``auto.py``); ignored by the other strategies.
-        auto_labels_per_class: ``auto`` switches to diversified from this many labels per class
+        auto_labels_per_class: ``auto`` switches to herding from this many labels per class
             (``AUTO_LABELS_PER_CLASS``), > 0.
         auto_min_accuracy: ``auto`` also needs the model's accuracy evidence, when given, to reach
             this (``AUTO_MIN_ACCURACY``), in [0, 1].

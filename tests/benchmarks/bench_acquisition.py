@@ -14,13 +14,18 @@ is refit on all labels so far, predicts every pool and test row, and the next ro
 probabilities (and embeddings). Accuracy is measured on the test split after each round.
 Before two classes are labeled there is no model (``probs=None``): the cold start, which
 ``rank`` runs as the job does (typicality for every strategy but coreset and random).
-``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; ``auto-badge`` is ``auto``
-with ``badge`` where ``auto`` would run diversified; ``auto-wkm<factor>`` is ``auto`` with
-uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows there (Zhdanov
-2019, an experiment); ``auto-gu`` is ``auto`` with diversified ranked by the uncertainty of label
-spreading along the pool's graph instead of the head's (``--model recipe``, an experiment);
+``auto`` gets ``evidence={"labels_per_class": <counts per class>}`` only; past its switch it runs
+herding (since 2026-12-08; diversified before). ``auto-div`` is ``auto`` with diversified there
+(the default before); ``auto-badge`` is ``auto`` with ``badge`` there; ``auto-wkm<factor>`` is
+``auto`` with uncertainty-weighted k-means over the ``factor x batch`` most uncertain rows there
+(Zhdanov 2019, an experiment); ``auto-gu`` is ``auto`` with diversified there, ranked by the
+uncertainty of label spreading along the pool's graph instead of the head's (``--model
+recipe``, an experiment);
 ``auto-pc`` is ``auto`` with ``probcover`` where ``auto`` would run typicality (an experiment);
-``probcover`` runs at the backend's ``PROBCOVER_RADIUS``, ``probcover-purity`` (and
+``herding`` is the backend's ``STRATEGY=herding`` (uncertainty herding, MaxHerding before
+a model), ``maxherding`` the same without the uncertainty weights, ``-h<bandwidth>`` after
+either sets the kernel's bandwidth (``auto-uh-h<bandwidth>``: ``auto`` with that bandwidth;
+``auto-uh`` alone is ``auto`` since herding became its second phase); ``probcover`` runs at the backend's ``PROBCOVER_RADIUS``, ``probcover-purity`` (and
 ``auto-pc-purity``) with the paper's purity rule, ``probcover-d<radius>`` (and
 ``auto-pc-d<radius>``) with that radius; ``auto-cv`` is ``auto``
 with, in addition, a 5-fold cross-validated accuracy of the labeled set as ``val_accuracy``,
@@ -46,9 +51,11 @@ cannot make the model better than every label does, so ``ceiling - random`` boun
 Scale (``--scale``): time and peak memory (``ru_maxrss``) of ``typicality_order`` on random
 float32 data, ``N`` rows x ``d``, with 10 labeled rows and ``batch=20`` (K = 30 groups) and with
 480 labeled (K = 500, the cap), and of BADGE's batch of 20 (``badge_picks``, 10 classes of
-Dirichlet probabilities) over the unlabeled rows, and of ``probcover_order`` (10 classes; the
-"groups" column gives its graph's rows and radius), each in a fresh subprocess so the peak is its
-own (``--scale-orders typicality,badge,probcover``).
+Dirichlet probabilities) over the unlabeled rows, of ``probcover_order`` (10 classes; the
+"groups" column gives its graph's rows and radius), and of ``herding_order`` (batch 20, margin
+of the same Dirichlet probabilities as weights; "groups" gives its reference and candidate
+rows), each in a fresh subprocess so the peak is its own
+(``--scale-orders typicality,badge,probcover,herding``).
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -84,6 +92,7 @@ STRATEGIES = (
     "typicality",
     "badge",
     "probcover",
+    "herding",
     "auto",
     "auto-cv",
 )
@@ -261,8 +270,9 @@ def _probcover_radius(strategy: str) -> float | None:
     the radius ``r``, else the backend's default (``PROBCOVER_RADIUS``)."""
     if strategy.endswith("-purity"):
         return None
-    if "-d" in strategy:
-        return float(strategy.rsplit("-d", 1)[1])
+    radius = re.search(r"-d(\d+(?:\.\d+)?)$", strategy)
+    if radius:
+        return float(radius.group(1))
     return Settings().probcover_radius or None
 
 
@@ -284,7 +294,11 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             evidence["val_accuracy"] = cv_accuracy(model, pool[mask_pool], y[pool][mask_pool])
         t0 = time.perf_counter()
         r = rank(
-            "auto" if name.startswith("auto-") else name.split("-")[0],
+            "auto"
+            if name.startswith("auto-")
+            else "random"
+            if name.startswith(("herding", "maxherding"))
+            else name.split("-")[0],
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
             labeled_mask=mask_pool,
@@ -298,20 +312,30 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             n_classes=n_classes,
             probcover_radius=radius,
         )
-        if strategy == "auto-badge" and r.strategy.startswith("diversified"):
+        second = r.strategy == "herding (auto)"  # auto past its switch
+        if strategy == "auto-div" and second:
+            r = rank("diversified", probs=probs[pool], embeddings=emb[pool], labeled_mask=mask_pool,
+                     batch=args.batch, measure=args.uncertainty, seed=seed,
+                     device="cpu")  # fmt: skip
+        if strategy == "auto-badge" and second:
             r = rank("badge", probs=probs[pool], embeddings=emb[pool], labeled_mask=mask_pool,
                      batch=args.batch, seed=seed, device="cpu")  # fmt: skip
-        if strategy.startswith("auto-wkm") and r.strategy.startswith("diversified"):
+        if strategy.startswith("auto-wkm") and second:
             factor = int(strategy.removeprefix("auto-wkm") or 10)
             r = _weighted_kmeans_ranking(probs[pool], emb[pool], mask_pool, args, seed, factor)
         if strategy.startswith("auto-pc") and r.strategy.startswith("typicality"):
             r = rank("probcover", embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
                      seed=seed, device="cpu", n_classes=n_classes,
                      probcover_radius=radius)  # fmt: skip
-        if strategy == "auto-gu" and r.strategy.startswith("diversified"):
+        if strategy == "auto-gu" and second:
             r = rank("diversified", probs=_graph_probs(model, pool, mask_pool, y, n_classes),
                      embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
                      measure=args.uncertainty, seed=seed, device="cpu")  # fmt: skip
+        if strategy.startswith(("herding", "maxherding")) or (
+            strategy.startswith("auto-uh") and second
+        ):
+            r = _herding_ranking(strategy, None if probs is None else probs[pool], emb[pool],
+                                 mask_pool, args, seed)  # fmt: skip
         rank_s = time.perf_counter() - t0
         labeled[pool[r.order[: args.batch]]] = True
         have = pool[labeled[pool]]
@@ -360,6 +384,25 @@ def _weighted_kmeans_ranking(probs, emb, labeled_mask, args, seed, factor):
     picks = np.array(picks, dtype=np.int64)
     rest = by_u[~np.isin(by_u, picks)]
     return SimpleNamespace(order=np.concatenate([picks, rest]), strategy="diversified (wkm)")
+
+
+def _herding_ranking(strategy, probs, emb, labeled_mask, args, seed):
+    """Herding variants (``herding.py``): ``herding`` is ``rank("herding")`` (uncertainty
+    herding, MaxHerding before a model); ``maxherding`` never weighs by uncertainty; ``-h<h>``
+    in the name sets the bandwidth (default ``DEFAULT_BANDWIDTH``); ``auto-uh`` is ``auto``
+    with herding where ``auto`` would run diversified."""
+    from types import SimpleNamespace
+
+    from ml_backend.selection.herding import DEFAULT_BANDWIDTH, herding_order
+    from ml_backend.selection.uncertainty import uncertainty
+
+    h = float(strategy.rsplit("-h", 1)[1]) if "-h" in strategy else DEFAULT_BANDWIDTH
+    weights = None
+    if probs is not None and not strategy.startswith("maxherding"):
+        weights = uncertainty(probs, args.uncertainty)
+    res = herding_order(emb, np.flatnonzero(labeled_mask), args.batch, weights=weights,
+                        bandwidth=h, seed=seed, device="cpu")  # fmt: skip
+    return SimpleNamespace(order=res.order, strategy="herding")
 
 
 def _graph_probs(model, pool, labeled_mask, y, n_classes):
@@ -521,7 +564,8 @@ def scale_one(n: int, d: int, labeled: int, device: str, what: str = "typicality
     from ml_backend.selection.badge import badge_picks
 
     x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
-    probs = np.random.default_rng(1).dirichlet(np.ones(10), n) if what == "badge" else None
+    weighted = what in ("badge", "herding")
+    probs = np.random.default_rng(1).dirichlet(np.ones(10), n) if weighted else None
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     if what == "badge":
@@ -530,6 +574,12 @@ def scale_one(n: int, d: int, labeled: int, device: str, what: str = "typicality
     elif what == "probcover":
         res = probcover_order(x, np.arange(labeled), n_classes=10, device=device)
         groups = f"graph {res.graph_rows:,}, delta {res.delta:.2f}"
+    elif what == "herding":
+        from ml_backend.selection.herding import herding_order
+        from ml_backend.selection.uncertainty import margin
+
+        res = herding_order(x, np.arange(labeled), 20, weights=margin(probs), device=device)
+        groups = f"R {res.reference_rows:,}, C {res.candidate_rows:,}"
     else:
         groups = typicality_order(x, np.arange(labeled), 20, device=device).n_clusters
     if device.startswith("cuda"):

@@ -240,10 +240,11 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     assert queue[0] == out["metrics"]["queue_top"][0]["task_id"]
     explained = client.meta[queue[0]]["active_learning"]  # the "why" is visible in Label Studio too
     assert explained["rank"] == 1 and explained["model_version"] == "resnet18-v1"
-    assert explained["why"] and explained["reason"] in ("typical", "typical_again", "uncertain_far")
-    # 60 labels over 3 classes: 20 per class, but no validation accuracy of 0.9 yet.
+    # 60 labels over 3 classes: 20 per class, past auto's switch: herding picked the top
     assert out["metrics"]["queue_decision"].startswith("20.0 labels per class")
-    assert 0 <= explained["uncertainty"] <= 1 and explained["distance"] >= 0
+    assert out["metrics"]["strategy"] == "herding (auto)"
+    assert explained["reason"] == "covers_unsure" and explained["why"].startswith("the model is ")
+    assert 0 <= explained["uncertainty"] <= 1 and explained["distance"] is None  # no k-center
     assert sorted(p["score"] for p in preds.values()) == [round((i + 1) / 91, 8) for i in range(90)]
     info = ModelStore(job_settings.model_dir).latest(1)
     assert info.version == "resnet18-v1" and info.labels == list(LABELS)

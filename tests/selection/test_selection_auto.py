@@ -24,17 +24,17 @@ def pool(n=200, c=4, labeled=8, seed=0):
         (None, False, 0, "typicality"),  # no model: typicality
         (None, False, 500, "typicality"),
         (None, True, 39, "typicality"),  # 39 / 4 classes = 9.75 < 10
-        (None, True, 40, "diversified"),  # 10 per class
-        ({"labels_per_class": 12}, True, 0, "diversified"),  # evidence beats |L| / C
+        (None, True, 40, "herding"),  # 10 per class
+        ({"labels_per_class": 12}, True, 0, "herding"),  # evidence beats |L| / C
         ({"labels_per_class": {"a": 30, "b": 2, "c": 0, "d": 0}}, True, 99, "typicality"),
-        ({"labels_per_class": [10, 10, 10, 10]}, True, 0, "diversified"),
+        ({"labels_per_class": [10, 10, 10, 10]}, True, 0, "herding"),
         ({"labels_per_class": 12, "val_accuracy": 0.5}, True, 0, "typicality"),  # gate: A = 0.7
-        ({"labels_per_class": 12, "val_accuracy": 0.7}, True, 0, "diversified"),
+        ({"labels_per_class": 12, "val_accuracy": 0.7}, True, 0, "herding"),
         ({"labels_per_class": 12, "acceptance": 0.4}, True, 0, "typicality"),
-        ({"labels_per_class": 40, "val_accuracy": 0.2}, True, 0, "diversified"),  # 4 T: hard task
+        ({"labels_per_class": 40, "val_accuracy": 0.2}, True, 0, "herding"),  # 4 T: hard task
         ({"labels_per_class": 39, "val_accuracy": 0.2}, True, 0, "typicality"),
-        ({"val_accuracy": 0.9, "acceptance": 0.1}, True, 40, "diversified"),  # val wins
-        ({"val_accuracy": None}, True, 40, "diversified"),
+        ({"val_accuracy": 0.9, "acceptance": 0.1}, True, 40, "herding"),  # val wins
+        ({"val_accuracy": None}, True, 40, "herding"),
     ],
 )
 def test_rule(evidence, has_model, n_labeled, expected):
@@ -96,13 +96,13 @@ def test_rank_auto_delegates_and_says_why():
         batch=5,
         evidence={"labels_per_class": 50, "val_accuracy": 0.9},
     )
-    div = rank("diversified", probs=probs, embeddings=emb, labeled_mask=mask, batch=5)
-    np.testing.assert_array_equal(high.order, div.order)
-    assert high.strategy == "diversified (auto)" and "the model is trusted" in high.decision
+    herd = rank("herding", probs=probs, embeddings=emb, labeled_mask=mask, batch=5)
+    np.testing.assert_array_equal(high.order, herd.order)
+    assert high.strategy == "herding (auto)" and "the model is trusted" in high.decision
     lowered = rank(
         "auto", probs=probs, embeddings=emb, labeled_mask=mask, batch=5, auto_labels_per_class=2
     )
-    assert lowered.strategy == "diversified (auto)"
+    assert lowered.strategy == "herding (auto)"
     gated = rank(
         "auto",
         probs=probs,
