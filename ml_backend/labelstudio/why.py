@@ -29,7 +29,8 @@ WRITERS = 4
 
 def why_text(entry: dict, version: str, cold_start: bool = False) -> str:
     """The sentence a labeler reads, e.g. "Why this task (#2 in the queue of resnet18-v4): the
-    model is unsure (between Sunny 48% and Cloudy 41%), and it is far from every labeled image"."""
+    model is unsure (between Sunny 48% and Cloudy 41%), and it stands for 23 similar images that
+    no labeled or queued image is close to yet"."""
     model = "before the first model" if cold_start else f"of {version}"
     reason = entry.get("why") or entry.get("reason") or "ranked by the active-learning queue"
     return f"Why this task (#{entry.get('rank', '?')} in the queue {model}): {reason}"

@@ -6,7 +6,8 @@ shipped ``label_config.xml`` (which has ``<Header value="$why_this_task"/>``) is
 - The labeling UI: the queue-top notes are written into task data (``write_task_notes``, what
   the job's publish step calls; idempotent if it already did), then "Label All Tasks" in
   Chromium serves the first task of the queue and the page shows why, in words, above the
-  image. Screenshot: ``e2e-why-label-stream.png``.
+  image (9 labels of 3 classes: ``auto`` has switched to herding, whose words these are).
+  Screenshot: ``e2e-why-label-stream.png``.
 - The Data Manager: the backend's "Active learning queue" tab, as the job saved it, and with
   explicit ``hiddenColumns`` (``queue_view_data``, what the job's ``ensure_queue_view`` must
   save): the "Prediction model versions" and "Prediction results" columns are blank without
@@ -76,8 +77,9 @@ def test_the_labeling_page_says_why_the_task_was_served(stack, trained, client, 
     header.wait_for(timeout=30_000)
     admin.page.wait_for_timeout(500)
     admin.screenshot("label-stream")
-    assert any(w in expected for w in ("the model is unsure", "the model is fairly sure",
-                                       "typical", "far"))  # fmt: skip
+    # 9 labels of 3 classes: auto is past its switch (3 per class), so herding picked the top:
+    # the model's doubt, and how many unlabeled look-alikes it stands for (or that none is near)
+    assert "): the model is " in expected and "no labeled or queued image is" in expected, expected
     # The pre-filled choice is still there under the explanation.
     assert admin.selected_choice() == first["predicted"]
 
