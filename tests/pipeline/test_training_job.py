@@ -251,65 +251,63 @@ def test_training_pushes_a_version_that_beats_chance_and_ranks_the_queue(
     assert {"fetch_s", "train_s", "predict_s", "push_s"} <= set(out["metrics"]["timings"])
 
 
-def test_badge_orders_the_queue_and_says_why(world, job_settings, redis_conn):
+def ranked_after_30_labels(world, job_settings, redis_conn, **overrides):
+    """``(settings, client, out, queue_top)`` of a job over 30 labels with these settings."""
     tasks, labels, cache = world
     for i in range(30):
         tasks[i]["annotations"] = [choice(labels[i])]
-    settings = job_settings.with_overrides(strategy="badge")
+    settings = job_settings.with_overrides(**overrides)
     client = FakeLabelStudio(tasks)
     out = run(settings, client, cache, StatusStore(redis_conn))
-    assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "badge"
+    assert out["outcome"] == "trained"
     top = out["metrics"]["queue_top"]
+    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
+    return settings, client, out, top
+
+
+# bounded by epochs, not seconds: on a loaded machine a 2 s budget gives another backbone, and
+# at radius 0.5 a weaker one can leave nothing uncovered after 30 labels
+BY_EPOCHS = {"pretrain_budget_s": 600, "pretrain_epochs": 2}
+
+
+def test_badge_orders_the_queue_and_says_why(world, job_settings, redis_conn):
+    settings, _, out, top = ranked_after_30_labels(
+        world, job_settings, redis_conn, strategy="badge"
+    )
+    assert out["metrics"]["strategy"] == "badge"
     assert [t["reason"] for t in top] == ["uncertain_varied"] * settings.queue_batch
     assert top[0]["why"].endswith(", in a way unlike the other tasks picked with it")
     assert top[0]["distance"] is None  # badge measures no embedding distance
-    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
 
 
 def test_probcover_orders_the_queue_and_says_why(world, job_settings, redis_conn):
-    tasks, labels, cache = world
-    for i in range(30):
-        tasks[i]["annotations"] = [choice(labels[i])]
-    # bounded by epochs, not seconds: on a loaded machine a 2 s budget gives another backbone,
-    # and at radius 0.5 a weaker one can leave nothing uncovered after 30 labels
-    settings = job_settings.with_overrides(strategy="probcover", pretrain_budget_s=600,
-                                           pretrain_epochs=2)  # fmt: skip
-    client = FakeLabelStudio(tasks)
-    out = run(settings, client, cache, StatusStore(redis_conn))
-    assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "probcover"
-    top = out["metrics"]["queue_top"]
+    _, _, out, top = ranked_after_30_labels(
+        world, job_settings, redis_conn, strategy="probcover", **BY_EPOCHS
+    )
+    assert out["metrics"]["strategy"] == "probcover"
     # the job passes the label config's class count; each reason says what the pick covers
     assert top[0]["reason"] == "covers"
     assert "that no labeled or queued image is close to yet" in top[0]["why"]
     assert {t["reason"] for t in top} <= {"covers", "covered"}
-    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
 
 
 def test_herding_orders_the_queue_by_unsure_coverage_and_says_why(world, job_settings, redis_conn):
-    tasks, labels, cache = world
-    for i in range(30):
-        tasks[i]["annotations"] = [choice(labels[i])]
-    settings = job_settings.with_overrides(strategy="herding", pretrain_budget_s=600,
-                                           pretrain_epochs=2)  # fmt: skip
-    client = FakeLabelStudio(tasks)
-    out = run(settings, client, cache, StatusStore(redis_conn))
-    assert out["outcome"] == "trained" and out["metrics"]["strategy"] == "herding"
-    top = out["metrics"]["queue_top"]
+    settings, _, out, top = ranked_after_30_labels(
+        world, job_settings, redis_conn, strategy="herding", **BY_EPOCHS
+    )
+    assert out["metrics"]["strategy"] == "herding"
     # a model exists: the batch covers images the model is unsure of, and says both
     assert [t["reason"] for t in top] == ["covers_unsure"] * settings.queue_batch
     assert top[0]["why"].startswith("the model is ")
     assert "that no labeled or queued image is close to yet" in top[0]["why"]
-    assert client.meta[top[0]["task_id"]]["active_learning"]["why"] == top[0]["why"]
 
 
 def test_probcover_radius_setting_reaches_the_queue(world, job_settings, redis_conn):
-    tasks, labels, cache = world
-    for i in range(30):
-        tasks[i]["annotations"] = [choice(labels[i])]
     # at the largest radius one labeled image covers every other: nothing is left to cover
-    settings = job_settings.with_overrides(strategy="probcover", probcover_radius=2.0)
-    out = run(settings, FakeLabelStudio(tasks), cache, StatusStore(redis_conn))
-    assert {t["reason"] for t in out["metrics"]["queue_top"]} == {"covered"}
+    _, _, out, top = ranked_after_30_labels(
+        world, job_settings, redis_conn, strategy="probcover", probcover_radius=2.0
+    )
+    assert {t["reason"] for t in top} == {"covered"}
 
 
 def test_a_version_only_when_labels_model_or_tasks_changed(world, job_settings, redis_conn):
