@@ -82,8 +82,8 @@ def explain(ranking, row: int, *, class_names: Sequence[str] | None = None, prob
         many = f"{others} similar image{'s' if others != 1 else ''}"
         if code == "covers_unsure":
             unsure = _unsure(ranking, row, class_names, probs)
-            if others < 1:
-                return f"{unsure}, and no labeled or queued image is like it"
+            if others < 1:  # the images near it, if any, are nearer to a labeled or queued one
+                return f"{unsure}; every similar image is already closer to a labeled or queued one"
             return f"{unsure}, and it stands for {many} that no labeled or queued image is close to yet"
         if others < 1:
             return "unlike every labeled or queued image, and unlike the other images too"

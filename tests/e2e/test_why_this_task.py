@@ -78,8 +78,9 @@ def test_the_labeling_page_says_why_the_task_was_served(stack, trained, client, 
     admin.page.wait_for_timeout(500)
     admin.screenshot("label-stream")
     # 9 labels of 3 classes: auto is past its switch (3 per class), so herding picked the top:
-    # the model's doubt, and how many unlabeled look-alikes it stands for (or that none is near)
-    assert "): the model is " in expected and "no labeled or queued image is" in expected, expected
+    # the model's doubt, and how many unlabeled look-alikes it stands for (or that all of them
+    # are closer to a labeled or queued image already)
+    assert "): the model is " in expected and "labeled or queued" in expected, expected
     # The pre-filled choice is still there under the explanation.
     assert admin.selected_choice() == first["predicted"]
 

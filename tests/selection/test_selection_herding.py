@@ -171,3 +171,15 @@ def test_duplicates_never_repeat_a_pick():
     res = herding_order(x, [2], 4, device="cpu")
     assert sorted(res.order.tolist()) == [0, 1, 3, 4, 5]
     assert res.order[:4].tolist() == [0, 1, 3, 4]  # ties to the lower row
+
+
+def test_words_when_a_pick_stands_for_no_other_image():
+    # two far-apart rows and a labeled copy next to the second: the unsure pick covers itself only
+    x = unit(np.array([[1.0, 0.0], [0.0, 1.0], [0.05, 1.0]]))
+    mask = np.array([False, False, True])
+    probs = np.array([[0.5, 0.5], [0.6, 0.4], [0.9, 0.1]])
+    r = rank("herding", probs=probs, embeddings=x, labeled_mask=mask, batch=2)
+    alone = [row for row in r.order[:2] if r.covers[row] == 1]
+    assert alone and explain(r, alone[0], probs=probs).endswith(
+        "; every similar image is already closer to a labeled or queued one"
+    )
