@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ml_backend.errors import SelectionInputError
+from ml_backend.selection.inputs import is_number
 from ml_backend.selection.kcenter import _as_indices, _as_tensor, _exact_matmul, _resolve_device
 from ml_backend.selection.kmeans import _TILE_ELEMENTS, _sq_dist
 from ml_backend.selection.probcover import _check_finite, _sample, _unit_rows
@@ -110,12 +111,7 @@ def herding_order(
     labeled = _as_indices(labeled_indices, n, "labeled_indices", pool_limit=True)
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise SelectionInputError(f"batch must be a whole number >= 1, got {batch!r}")
-    if (
-        isinstance(bandwidth, bool)
-        or not isinstance(bandwidth, (int, float))
-        or not math.isfinite(bandwidth)
-        or bandwidth <= 0
-    ):
+    if not (is_number(bandwidth) and math.isfinite(bandwidth) and bandwidth > 0):
         raise SelectionInputError(f"bandwidth must be a number > 0, got {bandwidth!r}")
     w = None if weights is None else _weights(weights, n)
     _check_finite(x)

@@ -297,7 +297,7 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             "auto"
             if name.startswith("auto-")
             else "random"
-            if name.startswith(("herding", "maxherding"))
+            if name.startswith("maxherding") or name.startswith("herding-h")
             else name.split("-")[0],
             probs=None if probs is None else probs[pool],
             embeddings=emb[pool],
@@ -331,8 +331,8 @@ def run_curve(strategy, model, y, pool, test, args, seed) -> list[dict]:
             r = rank("diversified", probs=_graph_probs(model, pool, mask_pool, y, n_classes),
                      embeddings=emb[pool], labeled_mask=mask_pool, batch=args.batch,
                      measure=args.uncertainty, seed=seed, device="cpu")  # fmt: skip
-        if strategy.startswith(("herding", "maxherding")) or (
-            strategy.startswith("auto-uh") and second
+        if strategy.startswith(("herding-h", "maxherding")) or (
+            strategy.startswith("auto-uh-h") and second
         ):
             r = _herding_ranking(strategy, None if probs is None else probs[pool], emb[pool],
                                  mask_pool, args, seed)  # fmt: skip
@@ -387,10 +387,9 @@ def _weighted_kmeans_ranking(probs, emb, labeled_mask, args, seed, factor):
 
 
 def _herding_ranking(strategy, probs, emb, labeled_mask, args, seed):
-    """Herding variants (``herding.py``): ``herding`` is ``rank("herding")`` (uncertainty
-    herding, MaxHerding before a model); ``maxherding`` never weighs by uncertainty; ``-h<h>``
-    in the name sets the bandwidth (default ``DEFAULT_BANDWIDTH``); ``auto-uh`` is ``auto``
-    with herding where ``auto`` would run diversified."""
+    """The herding variants ``rank`` has no knob for (plain ``herding`` and ``auto`` go through
+    ``rank``): ``maxherding`` never weighs by uncertainty; ``-h<h>`` in the name sets the
+    bandwidth (default ``DEFAULT_BANDWIDTH``), ``auto-uh-h<h>`` in ``auto``'s second phase."""
     from types import SimpleNamespace
 
     from ml_backend.selection.herding import DEFAULT_BANDWIDTH, herding_order
